@@ -1,0 +1,13 @@
+"""distattr: fast, distributed feature attribution for generative language models."""
+
+__version__ = "0.1.0"
+
+from .api import AttributionModel, load_model  # noqa: E402
+from .methods import list_methods  # noqa: E402
+from .results import AttributionOutput, SequenceAttribution, load  # noqa: E402
+from .steps import StepContext, list_step_functions, register_step_function  # noqa: E402
+
+__all__ = [
+    "AttributionModel", "AttributionOutput", "SequenceAttribution", "StepContext", "list_methods",
+    "list_step_functions", "load", "load_model", "register_step_function",
+]

@@ -1,0 +1,159 @@
+"""The public surface: ``load_model`` -> ``AttributionModel.attribute`` -> ``AttributionOutput``."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from . import engine, methods
+from .models.adapters import Adapter, wrap_model
+from .models.loading import LoadedModel, describe, load
+from .results import AttributionOutput
+from .viz.progress import progress_factory
+
+
+@dataclass(frozen=True)
+class AttributionModel:
+    """A frozen model plus a default attribution method.
+
+    Build it with :func:`load_model`; call :meth:`attribute`.
+    """
+
+    loaded: LoadedModel
+    adapter: Adapter
+    method: str
+    method_args: dict = field(default_factory=dict)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.loaded.model
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.adapter.is_encoder_decoder
+
+    def attribute(
+        self,
+        input_texts: str | Sequence[str],
+        generated_texts: str | Sequence[str] | None = None,
+        *,
+        method: str | None = None,
+        generation_args: dict | None = None,
+        attributed_fn: str = "probability",
+        attributed_fn_args: dict | None = None,
+        step_scores: Sequence[str] = (),
+        step_scores_args: dict | None = None,
+        contrast_targets: str | Sequence[str] | None = None,
+        contrast_sources: str | Sequence[str] | None = None,
+        contrast_targets_alignments=None,
+        contrast_force_inputs: bool = False,
+        attribute_target: bool = False,
+        attr_pos_start: int | None = None,
+        attr_pos_end: int | None = None,
+        skip_special_tokens: bool = False,
+        include_eos_baseline: bool = False,
+        hidden_reduction: str = "vnorm",
+        token_budget: int = 8192,
+        steps_per_row: int | None = None,
+        batch_size: int = 16,
+        show_progress: bool = True,
+        **method_args,
+    ) -> AttributionOutput:
+        """Explain each generated token of each input.
+
+        Args:
+            input_texts: one prompt (decoder-only) or source text (encoder-decoder), or a list.
+            generated_texts: attribute these targets instead of generating (constrained decoding); for
+                decoder-only models each must start with its input text.
+            method: override the model's default method for this call.
+            generation_args: passed to ``model.generate`` (greedy by default), e.g. ``max_new_tokens``.
+            attributed_fn: the step function differentiated (default ``probability``).
+            attributed_fn_args: its keyword arguments (e.g. ``{"logprob": True}``).
+            step_scores: step functions reported per generated token.
+            step_scores_args: ``{name: {kwarg: value}}`` for the step scores.
+            contrast_targets / contrast_sources / contrast_targets_alignments / contrast_force_inputs:
+                the contrastive input of ``contrast_*`` functions (one per input; alignments as
+                ``(target_index, contrast_index)`` pairs).
+            attribute_target: encoder-decoder models: also attribute the generated prefix.
+            attr_pos_start / attr_pos_end: target positions to explain (Inseq's semantics).
+            skip_special_tokens: tokenize without special tokens.
+            include_eos_baseline: replace EOS by UNK in the baseline too.
+            hidden_reduction: ``vnorm`` (L2 over the hidden size, Inseq's display) or ``sum`` (signed).
+            token_budget: most padded tokens per forward/backward batch (bounds memory).
+            steps_per_row: steps sharing one forward (None: chosen by a cost model; 1 = stacked prefixes).
+            batch_size: inputs per generation batch.
+            show_progress: progress bar on a terminal.
+            **method_args: the method's arguments (e.g. ``n_steps`` for integrated gradients).
+        Returns:
+            :class:`~distattr.results.AttributionOutput`.
+        """
+        name = method or self.method
+        args = {**(self.method_args if name == self.method else {}), **method_args}
+        cfg = engine.AttributeConfig(
+            method=name, method_args=args, attributed_fn=attributed_fn,
+            attributed_fn_args=dict(attributed_fn_args or {}), step_scores=tuple(step_scores),
+            step_scores_args=dict(step_scores_args or {}), generation_args=dict(generation_args or {}),
+            attribute_target=attribute_target, attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end,
+            skip_special_tokens=skip_special_tokens, include_eos_baseline=include_eos_baseline,
+            contrast_targets=_tuple(contrast_targets), contrast_sources=_tuple(contrast_sources),
+            contrast_targets_alignments=contrast_targets_alignments, contrast_force_inputs=contrast_force_inputs,
+            hidden_reduction=hidden_reduction, token_budget=token_budget, steps_per_row=steps_per_row,
+            batch_size=batch_size,
+        )
+        if attribute_target and not self.is_encoder_decoder:
+            attribute_target = False  # decoder-only models always attribute the prefix
+        out = engine.attribute(self.loaded, self.adapter, input_texts, generated_texts, cfg,
+                               progress=progress_factory(f"Attributing with {name}") if show_progress else None)
+        info = {**describe(self.loaded), **out.info, "versions": versions()}
+        return AttributionOutput(sequences=out.sequences, info=info)
+
+
+def _tuple(value) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def versions() -> dict[str, str]:
+    import captum
+    import transformers
+
+    from . import __version__
+
+    return {"distattr": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "captum": captum.__version__, "python": platform.python_version()}
+
+
+def load_model(
+    model,
+    method: str = "saliency",
+    *,
+    tokenizer=None,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    device_map: str | dict | None = None,
+    revision: str | None = None,
+    model_kwargs: dict | None = None,
+    tokenizer_kwargs: dict | None = None,
+    **method_args,
+) -> AttributionModel:
+    """Load a model for attribution.
+
+    Args:
+        model: ``"smollm2-135m"`` (the embedded default, offline), a Hugging Face id, a local folder, a
+            ``.gguf`` file, or a loaded ``PreTrainedModel`` (with ``tokenizer``).
+        method: default attribution method (see :func:`list_methods`).
+        dtype / device / device_map / revision / model_kwargs: passed to ``from_pretrained``.
+        **method_args: default arguments of ``method`` (validated now).
+    """
+    methods.build_args(method, method_args)
+    loaded = load(model, tokenizer, dtype=dtype, device=device, device_map=device_map, revision=revision,
+                  model_kwargs=model_kwargs, tokenizer_kwargs=tokenizer_kwargs)
+    return AttributionModel(loaded=loaded, adapter=wrap_model(loaded.model), method=method, method_args=method_args)

@@ -1,0 +1,534 @@
+"""The engine, top to bottom: texts -> token sequences -> step scores -> method rows -> results.
+
+1. :func:`prepare` tokenizes the inputs, generates (or takes the given target texts), and fixes the
+   attributed positions, the UNK baselines and the contrastive targets of every example.
+2. :func:`score_steps` computes the requested step scores from one no-grad forward per batch of full
+   sequences (not one per step).
+3. The method (``distattr.methods``) turns examples into rows, batches them under a token budget and
+   returns token-level matrices.
+4. :func:`assemble` builds the :class:`~distattr.results.AttributionOutput`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from . import methods as method_registry
+from .methods.base import Example, MethodOutput, Picks, Request
+from .models.adapters import Adapter, RowInputs
+from .models.loading import LoadedModel
+from .results import AttributionOutput, SequenceAttribution
+from .steps import Contrast, StepContext, get_step_function
+
+
+@dataclass(frozen=True)
+class AttributeConfig:
+    """Options of one ``attribute`` call (see :meth:`distattr.api.AttributionModel.attribute`)."""
+
+    method: str
+    method_args: dict = field(default_factory=dict)
+    attributed_fn: str = "probability"
+    attributed_fn_args: dict = field(default_factory=dict)
+    step_scores: tuple[str, ...] = ()
+    step_scores_args: dict = field(default_factory=dict)
+    generation_args: dict = field(default_factory=dict)
+    attribute_target: bool = False
+    attr_pos_start: int | None = None
+    attr_pos_end: int | None = None
+    skip_special_tokens: bool = False
+    include_eos_baseline: bool = False
+    contrast_targets: tuple[str, ...] | None = None
+    contrast_sources: tuple[str, ...] | None = None
+    contrast_targets_alignments: tuple | None = None
+    contrast_force_inputs: bool = False
+    hidden_reduction: str = "vnorm"
+    token_budget: int = 8192
+    steps_per_row: int | None = None
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Examples plus what is needed to show them: source ids (encoder or prompt) and contrast data."""
+
+    examples: list[Example]
+    source_ids: list[list[int]]
+    generated_texts: list[str]
+    contrast: list[dict | None]
+
+
+# ---------------------------------------------------------------- 1. preparation
+
+
+def _as_list(texts, what: str) -> list[str]:
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    if not texts:
+        raise ValueError(f"No {what} given")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"{what} #{i} is a {type(t).__name__}, not a string")
+        if not t.strip():
+            raise ValueError(f"{what} #{i} is empty")
+    return texts
+
+
+def _encode(tokenizer, text: str, add_special: bool, as_target: bool = False) -> list[int]:
+    enc = tokenizer(text_target=text, add_special_tokens=add_special) if as_target else tokenizer(
+        text, add_special_tokens=add_special)
+    ids = list(enc["input_ids"])
+    bos = tokenizer.bos_token_id
+    if len(ids) >= 2 and bos is not None and ids[0] == ids[1] == bos:  # double BOS from a chat template
+        ids = ids[1:]
+    return ids
+
+
+def _context_limit(model) -> int | None:
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _decoder_start(model) -> int:
+    start = getattr(model.config, "decoder_start_token_id", None)
+    if start is None:
+        start = model.config.bos_token_id
+    if start is None:
+        raise ValueError("Encoder-decoder model without decoder_start_token_id or bos_token_id")
+    return int(start)
+
+
+def _eos_id(model, tokenizer) -> int | None:
+    eos = getattr(model.config, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, list) else eos
+    return eos if eos is not None else tokenizer.eos_token_id
+
+
+def _unk_id(tokenizer) -> int:
+    for candidate in (tokenizer.unk_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    raise ValueError("The tokenizer has no UNK, PAD or EOS token to build baselines from")
+
+
+def _baseline(ids: torch.Tensor, unk: int, eos: int | None, keep_eos: bool, keep_first: bool) -> torch.Tensor:
+    """Inseq's baseline: UNK everywhere, EOS kept (unless ``include_eos_baseline``), BOS of targets kept."""
+    base = torch.full_like(ids, unk)
+    if keep_eos and eos is not None:
+        base = torch.where(ids == eos, ids, base)
+    if keep_first:
+        base[0] = ids[0]
+    return base
+
+
+def _generate(loaded: LoadedModel, sources: list[list[int]], args: dict, batch_size: int) -> list[list[int]]:
+    """Greedy (or as ``args`` say) generation in batches; returns the new token ids of each input."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    enc_dec = model.config.is_encoder_decoder
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    outputs: list[list[int]] = []
+    for first in range(0, len(sources), batch_size):
+        chunk = sources[first : first + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(chunk):
+            if enc_dec:  # right padding for encoders
+                ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+            else:  # left padding so that generation continues right after each prompt
+                ids[i, width - len(s) :], mask[i, width - len(s) :] = torch.tensor(s), 1
+        kwargs = {"do_sample": False, **args}
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=pad,
+                                 **kwargs)
+        for row in out.tolist():
+            outputs.append(row if enc_dec else row[width:])
+    return outputs
+
+
+def _clean_generation(new_ids: list[int], tokenizer, eos: int | None, enc_dec: bool) -> list[int]:
+    """Cut at the first EOS (kept for encoder-decoder targets, as re-tokenizing Inseq's text adds it) and
+    drop padding / other special tokens (Inseq decodes with ``skip_special_tokens``)."""
+    special = set(tokenizer.all_special_ids)
+    kept = []
+    for tok in new_ids:
+        if tok == eos:
+            if enc_dec:
+                kept.append(tok)
+            break
+        if tok not in special:
+            kept.append(tok)
+    return kept
+
+
+def _resolve_positions(start: int | None, end: int | None, length: int, default_start: int) -> tuple[int, int]:
+    """Inseq's ``attr_pos_start``/``attr_pos_end``: indices into the target, end exclusive, negatives
+    from the end; the start is never before ``default_start`` (the prompt length for decoder-only)."""
+    s = default_start if start is None else (start + length if start < 0 else start)
+    e = length if end is None else (end + length if end < 0 else end)
+    if not 0 <= s <= length or not 0 <= e <= length:
+        raise ValueError(f"attr_pos_start={start}, attr_pos_end={end} fall outside the target of {length} tokens")
+    s = max(s, default_start)
+    if s >= e:
+        raise ValueError(
+            f"Nothing to attribute: start {s} >= end {e} (target of {length} tokens; attribution starts at "
+            f"{default_start} at the earliest)"
+        )
+    return s, e
+
+
+def _aligned(t: int, pairs: list | None) -> int:
+    if pairs:
+        matches = [c for o, c in pairs if o == t]
+        if matches:
+            return min(matches)
+    return t
+
+
+def prepare(loaded: LoadedModel, texts, generated_texts, cfg: AttributeConfig) -> Prepared:
+    model, tokenizer = loaded.model, loaded.tokenizer
+    enc_dec = bool(model.config.is_encoder_decoder)
+    device = next(model.parameters()).device
+    add_special = not cfg.skip_special_tokens
+    sources = _as_list(texts, "input text")
+    n = len(sources)
+    source_ids = [_encode(tokenizer, s, add_special) for s in sources]
+    limit = _context_limit(model)
+
+    if generated_texts is not None:
+        targets = _as_list(generated_texts, "generated text")
+        if len(targets) != n:
+            raise ValueError(f"{len(targets)} generated texts for {n} input texts")
+        if enc_dec:
+            start_tok = _decoder_start(model)
+            target_ids = [[start_tok, *_encode(tokenizer, t, add_special, as_target=True)] for t in targets]
+        else:
+            for s, t in zip(sources, targets, strict=True):
+                if not t.startswith(s):
+                    raise ValueError(f"For decoder-only models a generated text must start with its input: {t!r} "
+                                     f"does not start with {s!r}")
+            target_ids = [_encode(tokenizer, t, add_special) for t in targets]
+    else:
+        for s, ids in zip(sources, source_ids, strict=True):
+            if limit is not None and len(ids) >= limit:
+                raise ValueError(f"Input of {len(ids)} tokens does not fit the model's context of {limit}: {s[:60]!r}")
+        args = dict(cfg.generation_args)
+        new = _generate(loaded, source_ids, args, cfg.batch_size)
+        eos = _eos_id(model, tokenizer)
+        new = [_clean_generation(x[1:] if enc_dec else x, tokenizer, eos, enc_dec) for x in new]
+        if enc_dec:
+            target_ids = [[_decoder_start(model), *x] for x in new]
+        else:
+            target_ids = [s + x for s, x in zip(source_ids, new, strict=True)]
+        targets = [tokenizer.decode(t[1:] if enc_dec else t, skip_special_tokens=True) for t in target_ids]
+
+    contrast_t = cfg.contrast_targets
+    if contrast_t is not None and len(contrast_t) != n:
+        raise ValueError(f"{len(contrast_t)} contrast targets for {n} inputs: give one per input")
+    if cfg.contrast_sources is not None:
+        if not enc_dec:
+            raise ValueError("contrast_sources are for encoder-decoder models; use contrast_targets with the "
+                             "contrastive prompt included for decoder-only models")
+        if len(cfg.contrast_sources) != n:
+            raise ValueError(f"{len(cfg.contrast_sources)} contrast sources for {n} inputs")
+    alignments = _per_example_alignments(cfg.contrast_targets_alignments, n)
+
+    unk, eos = _unk_id(tokenizer), _eos_id(model, tokenizer)
+    keep_eos = not cfg.include_eos_baseline
+    attributed = get_step_function(cfg.attributed_fn)
+    examples, contrast_info = [], []
+    for i in range(n):
+        tgt = torch.tensor(target_ids[i], dtype=torch.long, device=device)
+        if limit is not None and len(tgt) > limit:
+            raise ValueError(f"Sequence #{i} has {len(tgt)} tokens; the model's context is {limit}")
+        if enc_dec and limit is not None and len(source_ids[i]) > limit:
+            raise ValueError(f"Source #{i} has {len(source_ids[i])} tokens; the model's context is {limit}")
+        default_start = 1 if enc_dec else len(source_ids[i])
+        if not enc_dec and len(tgt) <= default_start and cfg.attr_pos_start is None:
+            raise ValueError(f"Nothing was generated for input #{i}; raise max_new_tokens or give generated_texts")
+        start, end = _resolve_positions(cfg.attr_pos_start, cfg.attr_pos_end, len(tgt), default_start)
+        src = src_base = None
+        if enc_dec:
+            src = torch.tensor(source_ids[i], dtype=torch.long, device=device)
+            src_base = _baseline(src, unk, eos, keep_eos, keep_first=False)
+        info = None
+        contrast_ids = None
+        if contrast_t is not None or cfg.contrast_sources is not None:
+            info = _contrast_for(loaded, i, target_ids[i], source_ids[i], cfg, alignments[i], start, end, add_special)
+            if attributed.contrastive:
+                contrast_ids = info["step_targets"]
+        elif attributed.contrastive:
+            contrast_ids = tgt[start:end]  # no contrast given: the original is its own contrast (as Inseq)
+        examples.append(Example(
+            target_ids=tgt, target_baseline=_baseline(tgt, unk, eos, keep_eos, keep_first=enc_dec),
+            start=start, end=end, source_ids=src, source_baseline=src_base, contrast_target_ids=contrast_ids,
+        ))
+        contrast_info.append(info)
+    return Prepared(examples=examples, source_ids=source_ids, generated_texts=targets, contrast=contrast_info)
+
+
+def _per_example_alignments(alignments, n: int) -> list[list | None]:
+    if alignments is None:
+        return [None] * n
+    if isinstance(alignments, str):
+        raise ValueError(f"contrast_targets_alignments={alignments!r} is not supported yet; give index pairs")
+    items = list(alignments)
+    if items and all(isinstance(p, list | tuple) and len(p) == 2 and all(isinstance(x, int) for x in p)
+                     for p in items):
+        return [[tuple(p) for p in items]] * n
+    if len(items) != n:
+        raise ValueError("contrast_targets_alignments: give one list of (target, contrast) index pairs, or one per input")
+    return [[tuple(p) for p in per] for per in items]
+
+
+def _contrast_for(loaded: LoadedModel, i: int, target_ids: list[int], source_ids: list[int], cfg: AttributeConfig,
+                  pairs: list | None, start: int, end: int, add_special: bool) -> dict:
+    """Contrast ids for example ``i``: the contrastive decoder sequence, its source, and per step the aligned
+    position and target token."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    enc_dec = bool(model.config.is_encoder_decoder)
+    device = next(model.parameters()).device
+    if cfg.contrast_targets is not None:
+        text = cfg.contrast_targets[i]
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"Contrast target #{i} is empty")
+        c_ids = ([_decoder_start(model), *_encode(tokenizer, text, add_special, as_target=True)] if enc_dec
+                 else _encode(tokenizer, text, add_special))
+    else:
+        c_ids = list(target_ids)
+    c_src = _encode(tokenizer, cfg.contrast_sources[i], add_special) if cfg.contrast_sources is not None else source_ids
+    positions = []
+    for t in range(start, end):
+        a = _aligned(t, pairs)
+        if not 1 <= a < len(c_ids):
+            raise ValueError(
+                f"Contrast target #{i} has {len(c_ids)} tokens: no token aligned to target position {t} "
+                f"(aligned index {a}). Give contrast_targets_alignments or a longer contrast."
+            )
+        positions.append(a)
+    if pairs:
+        for o, c in pairs:
+            if not (0 <= o < len(target_ids) and 0 <= c < len(c_ids)):
+                raise ValueError(f"Alignment pair ({o}, {c}) is out of range for target of {len(target_ids)} and "
+                                 f"contrast of {len(c_ids)} tokens")
+    pos = torch.tensor(positions, dtype=torch.long, device=device)
+    c = torch.tensor(c_ids, dtype=torch.long, device=device)
+    return {"ids": c, "source_ids": torch.tensor(c_src, dtype=torch.long, device=device), "positions": pos,
+            "step_targets": c[pos]}
+
+
+# ---------------------------------------------------------------- 2. step scores
+
+
+def _full_forward(adapter: Adapter, batch: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]):
+    """Forward rows ``(decoder ids [L], source ids [S] or None, scored positions)``; logits per row."""
+    device = adapter.embedding.weight.device
+    width = max(len(t) for t, _, _ in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
+    scored = torch.zeros(len(batch), width, dtype=torch.bool, device=device)
+    for r, (t, _, pos) in enumerate(batch):
+        ids[r, : len(t)] = t
+        scored[r, pos] = True
+    inputs = {"target_ids": ids}
+    if adapter.is_encoder_decoder:
+        s_width = max(len(s) for _, s, _ in batch)
+        src = torch.zeros(len(batch), s_width, dtype=torch.long, device=device)
+        mask = torch.zeros_like(src)
+        for r, (_, s, _) in enumerate(batch):
+            src[r, : len(s)], mask[r, : len(s)] = s, 1
+        inputs.update(source_ids=src, source_mask=mask)
+    rows = RowInputs(**inputs)
+    return rows, scored
+
+
+def score_steps(adapter: Adapter, prepared: Prepared, names: Sequence[str], args: dict,
+                token_budget: int) -> list[dict[str, torch.Tensor]]:
+    """Step scores ``{name: [n_steps]}`` per example, from batched full-sequence forwards."""
+    if not names:
+        return [{} for _ in prepared.examples]
+    fns = {name: get_step_function(name) for name in names}
+    needs_contrast = any(f.contrastive for f in fns.values())
+    results: list[dict[str, torch.Tensor]] = [{} for _ in prepared.examples]
+    order = sorted(range(len(prepared.examples)), key=lambda i: -len(prepared.examples[i].target_ids))
+    batches, current = [], []
+    for i in order:
+        if current and (len(current) + 1) * len(prepared.examples[current[0]].target_ids) > token_budget:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    with torch.no_grad():
+        for batch in batches:
+            exs = [prepared.examples[i] for i in batch]
+            rows, scored = _full_forward(adapter, [(ex.target_ids[: ex.end - 1], ex.source_ids,
+                                                    torch.arange(ex.start - 1, ex.end - 1)) for ex in exs])
+            logits = adapter.forward(rows, scored).logits
+            targets = torch.cat([ex.target_ids[ex.start : ex.end] for ex in exs])
+            contrast = _contrast_logits(adapter, prepared, batch, exs) if needs_contrast else None
+            rerun = _rerun(adapter, rows, scored)
+            ctx = StepContext(logits=logits, target_ids=targets, contrast=contrast, rerun=rerun)
+            sizes = [ex.n_steps for ex in exs]
+            for name, fn in fns.items():
+                values = fn.fn(ctx, **args.get(name, {})).float().cpu()
+                for i, v in zip(batch, values.split(sizes), strict=True):
+                    results[i][name] = v
+    return results
+
+
+def _contrast_logits(adapter: Adapter, prepared: Prepared, batch: list[int], exs: list[Example]) -> Contrast:
+    infos = [prepared.contrast[i] for i in batch]
+    if any(info is None for info in infos):
+        # no contrast given: the original serves as contrast (same output, as Inseq)
+        rows, scored = _full_forward(adapter, [(ex.target_ids[: ex.end - 1], ex.source_ids,
+                                                torch.arange(ex.start - 1, ex.end - 1)) for ex in exs])
+        return Contrast(adapter.forward(rows, scored).logits, torch.cat([ex.target_ids[ex.start:ex.end] for ex in exs]))
+    spec = [(info["ids"][: int(info["positions"].max())], info["source_ids"], info["positions"] - 1) for info in infos]
+    rows, scored = _full_forward(adapter, spec)
+    logits = adapter.forward(rows, scored).logits
+    # flattened logits follow position order within each row; re-order to step order
+    order, offset = [], 0
+    for info in infos:
+        ranks = info["positions"].argsort().argsort()
+        order.append(offset + ranks)
+        offset += len(info["positions"])
+    logits = logits[torch.cat(order)]
+    return Contrast(logits, torch.cat([info["step_targets"] for info in infos]))
+
+
+def _with_contrast_logits(adapter: Adapter, prepared: Prepared) -> Prepared:
+    """Attach the contrastive forward's logits ``[n_steps, V]`` to every example (``contrast_force_inputs``):
+    the attributed function then compares the original forward with a fixed contrastive one."""
+    examples = []
+    with torch.no_grad():
+        for i, ex in enumerate(prepared.examples):
+            contrast = _contrast_logits(adapter, prepared, [i], [ex])
+            examples.append(dataclasses.replace(ex, contrast_target_ids=contrast.target_ids,
+                                                contrast_logits=contrast.logits))
+    return dataclasses.replace(prepared, examples=examples)
+
+
+def _rerun(adapter: Adapter, rows: RowInputs, scored: torch.Tensor):
+    def rerun() -> torch.Tensor:
+        adapter.model.train()
+        try:
+            return adapter.forward(rows, scored).logits
+        finally:
+            adapter.model.eval()
+
+    return rerun
+
+
+# ---------------------------------------------------------------- 3. method
+
+
+def target_function(cfg: AttributeConfig):
+    """The attributed function as the methods call it: ``f(logits, targets, contrast_ids, rerun) -> [K]``."""
+    step = get_step_function(cfg.attributed_fn)
+    kwargs = dict(cfg.attributed_fn_args)
+    if cfg.attributed_fn == "kl_divergence":
+        kwargs["contrast_force_inputs"] = cfg.contrast_force_inputs
+
+    def fn(logits: torch.Tensor, picks: Picks, rerun) -> torch.Tensor:
+        contrast = None
+        if picks.contrast_ids is not None:
+            c_logits = picks.contrast_logits if picks.contrast_logits is not None else logits
+            contrast = Contrast(c_logits, picks.contrast_ids)
+        ctx = StepContext(logits=logits, target_ids=picks.target_ids, contrast=contrast, rerun=rerun,
+                          is_attributed_fn=True)
+        return step.fn(ctx, **kwargs)
+
+    return fn
+
+
+def run_method(adapter: Adapter, prepared: Prepared, cfg: AttributeConfig, on_progress=None) -> list[MethodOutput]:
+    spec = method_registry.get_method(cfg.method)
+    args = method_registry.build_args(cfg.method, cfg.method_args)
+    request = Request(
+        adapter=adapter, examples=prepared.examples, target_fn=target_function(cfg),
+        attribute_target=cfg.attribute_target or not adapter.is_encoder_decoder,
+        hidden_reduction=cfg.hidden_reduction, token_budget=cfg.token_budget, steps_per_row=cfg.steps_per_row,
+        on_progress=on_progress,
+    )
+    return spec.run(request, args)
+
+
+# ---------------------------------------------------------------- 4. results
+
+
+def assemble(loaded: LoadedModel, prepared: Prepared, outputs: list[MethodOutput],
+             scores: list[dict[str, torch.Tensor]]) -> list[SequenceAttribution]:
+    tokenizer = loaded.tokenizer
+    enc_dec = bool(loaded.model.config.is_encoder_decoder)
+    sequences = []
+    for ex, src_ids, out, sc in zip(prepared.examples, prepared.source_ids, outputs, scores, strict=True):
+        tgt_ids = ex.target_ids.tolist()
+        sequences.append(SequenceAttribution(
+            source_tokens=tuple(tokenizer.convert_ids_to_tokens(src_ids)),
+            target_tokens=tuple(tokenizer.convert_ids_to_tokens(tgt_ids)),
+            source_ids=tuple(src_ids), target_ids=tuple(tgt_ids),
+            source_attributions=out.source.numpy().astype("float32") if out.source is not None and enc_dec else None,
+            target_attributions=out.target.numpy().astype("float32") if out.target is not None else None,
+            step_scores={k: v.numpy().astype("float32") for k, v in sc.items()},
+            attr_pos_start=ex.start, attr_pos_end=ex.end,
+            deltas=out.deltas.numpy().astype("float32") if out.deltas is not None else None,
+            dims=out.extra_dims, dim_labels=out.extra_labels,
+        ))
+    return sequences
+
+
+def attribute(loaded: LoadedModel, adapter: Adapter, texts, generated_texts, cfg: AttributeConfig,
+              progress=None) -> AttributionOutput:
+    """Run the whole pipeline; ``progress(total_steps)`` returns an ``on_progress(steps, tokens)`` callback."""
+    method_registry.build_args(cfg.method, cfg.method_args)  # fail fast on bad arguments
+    for name in cfg.step_scores:
+        get_step_function(name)
+    get_step_function(cfg.attributed_fn)
+    if cfg.hidden_reduction not in ("vnorm", "sum"):
+        raise ValueError(f"hidden_reduction must be 'vnorm' or 'sum', not {cfg.hidden_reduction!r}")
+    started = time.perf_counter()
+    prepared = prepare(loaded, texts, generated_texts, cfg)
+    if cfg.contrast_force_inputs and get_step_function(cfg.attributed_fn).contrastive:
+        prepared = _with_contrast_logits(adapter, prepared)
+    generated_at = time.perf_counter()
+    scores = score_steps(adapter, prepared, cfg.step_scores, cfg.step_scores_args, cfg.token_budget)
+    total_steps = sum(ex.n_steps for ex in prepared.examples)
+    on_progress = progress(total_steps) if progress is not None else None
+    try:
+        outputs = run_method(adapter, prepared, cfg, on_progress)
+    finally:
+        if on_progress is not None and hasattr(on_progress, "close"):
+            on_progress.close()
+    finished = time.perf_counter()
+    sequences = assemble(loaded, prepared, outputs, scores)
+    info = {
+        "input_texts": _as_list(texts, "input text"),
+        "generated_texts": prepared.generated_texts,
+        "constrained_decoding": generated_texts is not None,
+        "generation_args": dict(cfg.generation_args),
+        "attribution_method": cfg.method,
+        "attribution_args": dict(cfg.method_args),
+        "attributed_fn": cfg.attributed_fn,
+        "attributed_fn_args": dict(cfg.attributed_fn_args),
+        "step_scores": list(cfg.step_scores),
+        "step_scores_args": dict(cfg.step_scores_args),
+        "attribute_target": cfg.attribute_target,
+        "include_eos_baseline": cfg.include_eos_baseline,
+        "hidden_reduction": cfg.hidden_reduction,
+        "contrast_targets": list(cfg.contrast_targets) if cfg.contrast_targets else None,
+        "contrast_sources": list(cfg.contrast_sources) if cfg.contrast_sources else None,
+        "timing": {"prepare_s": generated_at - started, "attribute_s": finished - generated_at,
+                   "total_s": finished - started},
+        "attributed_steps": total_steps,
+    }
+    return AttributionOutput(sequences=tuple(sequences), info=info)

@@ -1,0 +1,206 @@
+"""Attribution methods: a plain registry from name to a runner and its argument dataclass.
+
+Every runner has the signature ``run(request, args) -> list[MethodOutput]``; ``args`` is the method's
+frozen argument dataclass, built from the user's keyword arguments (unknown names are an error that
+lists the valid ones).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .base import MethodOutput, Request
+from .captum_methods import deeplift_attribution
+from .gradient import LayerTarget, Path, gradient_attribution
+from .internals import attention_attribution
+
+
+@dataclass(frozen=True)
+class NoArgs:
+    pass
+
+
+@dataclass(frozen=True)
+class SaliencyArgs:
+    """``abs``: take ``|grad|`` per dimension (Captum's and Inseq's default)."""
+
+    abs: bool = True
+
+
+@dataclass(frozen=True)
+class IntegratedGradientsArgs:
+    """``n_steps`` path points; ``method``: Captum quadrature (``gausslegendre``, ``riemann_left``,
+    ``riemann_right``, ``riemann_middle``, ``riemann_trapezoid``); ``internal_batch_size``: most path rows
+    per batch (None: the token budget decides); ``return_convergence_delta``: completeness error per step."""
+
+    n_steps: int = 50
+    method: str = "gausslegendre"
+    internal_batch_size: int | None = None
+    return_convergence_delta: bool = True
+
+
+@dataclass(frozen=True)
+class GradientShapArgs:
+    """``n_samples`` random points per step, Gaussian input noise ``stdevs``, ``seed`` for reproducibility."""
+
+    n_samples: int = 5
+    stdevs: float = 0.0
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class LayerArgs:
+    """``target_layer``: module name(s) as in ``model.named_modules()`` (default: the input embeddings).
+    Several names (a list, or a comma-separated string) are allowed for layer_gradient_x_activation."""
+
+    target_layer: str | tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class LayerIntegratedGradientsArgs(IntegratedGradientsArgs):
+    target_layer: str | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    run: Callable[[Request, object], list[MethodOutput]]
+    args: type
+    kind: str  # "gradient", "layer", "internals"
+    summary: str
+
+
+def _ig_path(args: IntegratedGradientsArgs) -> Path:
+    from captum.attr._utils.approximation_methods import approximation_parameters
+
+    if args.n_steps < 1:
+        raise ValueError("n_steps must be at least 1")
+    try:
+        step_sizes, alphas = approximation_parameters(args.method)
+    except (ValueError, AssertionError) as err:
+        raise ValueError(f"Unknown integration method {args.method!r}: {err}") from None
+    return Path(alphas=torch.tensor(alphas(args.n_steps), dtype=torch.float64).float(),
+                weights=torch.tensor(step_sizes(args.n_steps), dtype=torch.float64).float(), multiply="delta")
+
+
+def _budget(req: Request, internal_batch_size: int | None) -> Request:
+    if internal_batch_size is None:
+        return req
+    if internal_batch_size < 1:
+        raise ValueError("internal_batch_size must be at least 1")
+    longest = max(len(ex.target_ids) + (len(ex.source_ids) if ex.source_ids is not None else 0)
+                  for ex in req.examples)
+    return dataclasses.replace(req, token_budget=min(req.token_budget, internal_batch_size * longest))
+
+
+ONE = torch.ones(1)
+
+
+def run_saliency(req: Request, args: SaliencyArgs) -> list[MethodOutput]:
+    return gradient_attribution(req, Path(ONE, ONE, multiply="none", absolute=args.abs))
+
+
+def run_input_x_gradient(req: Request, args: NoArgs) -> list[MethodOutput]:
+    return gradient_attribution(req, Path(ONE, ONE, multiply="input"))
+
+
+def run_integrated_gradients(req: Request, args: IntegratedGradientsArgs) -> list[MethodOutput]:
+    return gradient_attribution(_budget(req, args.internal_batch_size), _ig_path(args),
+                                convergence_delta=args.return_convergence_delta)
+
+
+def run_gradient_shap(req: Request, args: GradientShapArgs) -> list[MethodOutput]:
+    if args.n_samples < 1:
+        raise ValueError("n_samples must be at least 1")
+    generator = torch.Generator().manual_seed(args.seed)
+    path = Path(alphas=torch.zeros(args.n_samples), weights=torch.full((args.n_samples,), 1.0 / args.n_samples),
+                multiply="delta", noise_std=args.stdevs, random_alphas=True, generator=generator)
+    return gradient_attribution(req, path)
+
+
+def run_deeplift(req: Request, args: NoArgs) -> list[MethodOutput]:
+    return deeplift_attribution(req)
+
+
+def resolve_layers(adapter, target_layer, single: bool) -> LayerTarget:
+    """Find modules by name; the default is the input embedding layer."""
+    model = adapter.model
+    modules = dict(model.named_modules())
+    if target_layer is None:
+        names = (next(n for n, m in modules.items() if m is model.get_input_embeddings()),)
+    elif isinstance(target_layer, str):
+        names = tuple(n.strip() for n in target_layer.split(",") if n.strip())
+    else:
+        names = tuple(target_layer)
+    if not names:
+        raise ValueError("target_layer is empty")
+    if single and len(names) > 1:
+        raise ValueError("This method attributes one layer at a time; pass a single target_layer")
+    missing = [n for n in names if n not in modules]
+    if missing:
+        sample = [n for n in modules if n][:12]
+        raise ValueError(f"Unknown layer(s) {missing}. Module names look like: {', '.join(sample)} ...")
+    encoder = set(map(id, model.get_encoder().modules())) if adapter.is_encoder_decoder else set()
+    sides = tuple("source" if id(modules[n]) in encoder else "target" for n in names)
+    return LayerTarget(modules=tuple(modules[n] for n in names), sides=sides, names=names)
+
+
+def run_layer_gradient_x_activation(req: Request, args: LayerArgs) -> list[MethodOutput]:
+    layer = resolve_layers(req.adapter, args.target_layer, single=False)
+    return gradient_attribution(req, Path(ONE, ONE, multiply="input"), layer=layer)
+
+
+def run_layer_integrated_gradients(req: Request, args: LayerIntegratedGradientsArgs) -> list[MethodOutput]:
+    layer = dataclasses.replace(resolve_layers(req.adapter, args.target_layer, single=True), interpolate=True)
+    return gradient_attribution(_budget(req, args.internal_batch_size), _ig_path(args), layer=layer,
+                                convergence_delta=args.return_convergence_delta)
+
+
+def run_layer_deeplift(req: Request, args: LayerArgs) -> list[MethodOutput]:
+    return deeplift_attribution(req, layer=resolve_layers(req.adapter, args.target_layer, single=True))
+
+
+def run_attention(req: Request, args: NoArgs) -> list[MethodOutput]:
+    return attention_attribution(req)
+
+
+METHODS: dict[str, Method] = {
+    "saliency": Method(run_saliency, SaliencyArgs, "gradient", "|df/dx| (Simonyan et al. 2013)"),
+    "input_x_gradient": Method(run_input_x_gradient, NoArgs, "gradient", "x * df/dx"),
+    "integrated_gradients": Method(run_integrated_gradients, IntegratedGradientsArgs, "gradient",
+                                   "path integral of gradients from the UNK baseline (Sundararajan et al. 2017)"),
+    "deeplift": Method(run_deeplift, NoArgs, "gradient", "DeepLIFT rescale rule via Captum (Shrikumar et al. 2017)"),
+    "gradient_shap": Method(run_gradient_shap, GradientShapArgs, "gradient",
+                            "expected gradients at random path points (Lundberg & Lee 2017)"),
+    "layer_integrated_gradients": Method(run_layer_integrated_gradients, LayerIntegratedGradientsArgs, "layer",
+                                         "integrated gradients over a layer's output"),
+    "layer_gradient_x_activation": Method(run_layer_gradient_x_activation, LayerArgs, "layer",
+                                          "layer output * gradient (one or many layers in one pass)"),
+    "layer_deeplift": Method(run_layer_deeplift, LayerArgs, "layer", "DeepLIFT at a layer's output via Captum"),
+    "attention": Method(run_attention, NoArgs, "internals", "attention weights of every layer and head"),
+}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"Unknown attribution method {name!r}. Available: {', '.join(sorted(METHODS))}") from None
+
+
+def build_args(method: str, kwargs: dict) -> object:
+    """Validate ``kwargs`` against the method's argument dataclass."""
+    spec = get_method(method)
+    fields = {f.name for f in dataclasses.fields(spec.args)}
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        valid = ", ".join(sorted(fields)) or "none"
+        raise ValueError(f"Unknown argument(s) {unknown} for method {method!r}. Valid arguments: {valid}")
+    return spec.args(**kwargs)
+
+
+def list_methods() -> list[str]:
+    return sorted(METHODS)

@@ -1,0 +1,127 @@
+"""What every attribution method receives and returns.
+
+An example is a token sequence whose target positions ``start <= t < end`` are explained. Target
+position ``t`` is predicted from the logits at position ``t - 1``, which depend on tokens ``0 .. t-1``
+(decoder side) and, for encoder-decoder models, on the whole source.
+
+Token-level results are matrices ``[n_tokens, n_steps(, *extra)]``: column ``t - start`` holds the scores
+of step ``t``; on the target side rows ``>= t`` are NaN (future tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..models.adapters import Adapter
+
+
+@dataclass(frozen=True)
+class Example:
+    """One sequence to explain; tensors are 1-D ``long`` on the model's input device.
+
+    Attributes:
+        target_ids: ``[N]`` decoder tokens: prompt + generation (decoder-only) or start token + target.
+        target_baseline: ``[N]`` baseline ids (UNK except EOS; the decoder-start token is kept).
+        start, end: the attributed target positions ``[start, end)``.
+        source_ids, source_baseline: ``[S]`` encoder tokens (encoder-decoder only).
+        contrast_target_ids: ``[end - start]`` contrast token for each step, when the attributed function
+            is contrastive.
+        contrast_logits: ``[end - start, V]`` logits of the contrastive forward, only with
+            ``contrast_force_inputs`` (otherwise the contrast token is scored on the original forward).
+    """
+
+    target_ids: torch.Tensor
+    target_baseline: torch.Tensor
+    start: int
+    end: int
+    source_ids: torch.Tensor | None = None
+    source_baseline: torch.Tensor | None = None
+    contrast_target_ids: torch.Tensor | None = None
+    contrast_logits: torch.Tensor | None = None
+
+    @property
+    def n_steps(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Picks:
+    """Per scored position (``K``): the target token and, for contrastive targets, the contrast token
+    and (with ``contrast_force_inputs``) the contrastive forward's logits ``[K, V]``."""
+
+    target_ids: torch.Tensor
+    contrast_ids: torch.Tensor | None = None
+    contrast_logits: torch.Tensor | None = None
+
+    @staticmethod
+    def gather(entries: list[tuple[Example, int]]) -> Picks:
+        """Picks for ``(example, target position)`` pairs, in order."""
+        targets = torch.stack([ex.target_ids[t] for ex, t in entries])
+        ex0 = entries[0][0]
+        contrast = logits = None
+        if ex0.contrast_target_ids is not None:
+            contrast = torch.stack([ex.contrast_target_ids[t - ex.start] for ex, t in entries])
+        if ex0.contrast_logits is not None:
+            logits = torch.stack([ex.contrast_logits[t - ex.start] for ex, t in entries])
+        return Picks(targets, contrast, logits)
+
+
+# f(logits [K, V], picks, rerun) -> [K]; rerun() recomputes the logits with dropout on
+TargetFn = Callable[[torch.Tensor, Picks, "Callable | None"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Request:
+    """Everything a method needs besides its own arguments.
+
+    Attributes:
+        attribute_target: also attribute the decoder prefix (always True for decoder-only models).
+        hidden_reduction: how a per-dimension score becomes a token score: ``"vnorm"`` (L2, Inseq's
+            default) or ``"sum"`` (signed; IG completeness holds for it).
+        token_budget: most tokens (rows x padded length) in one forward/backward batch.
+        steps_per_row: attribution steps sharing one forward (None: chosen by the cost model).
+    """
+
+    adapter: Adapter
+    examples: list[Example]
+    target_fn: TargetFn
+    attribute_target: bool
+    hidden_reduction: str = "vnorm"
+    token_budget: int = 8192
+    steps_per_row: int | None = None
+    on_progress: Callable[[int, int], None] | None = None
+
+
+@dataclass(frozen=True)
+class MethodOutput:
+    """Token-level results of one example (float32, CPU).
+
+    ``source`` ``[S, T(, *extra)]`` or None; ``target`` ``[N, T(, *extra)]`` or None; ``deltas`` ``[T]``
+    IG convergence deltas or None; ``extra_dims`` names the trailing dims (e.g. ``("layer", "head")``).
+    """
+
+    source: torch.Tensor | None
+    target: torch.Tensor | None
+    deltas: torch.Tensor | None = None
+    extra_dims: tuple[str, ...] = ()
+    extra_labels: tuple[tuple[str, ...], ...] = ()
+
+
+def reduce_hidden(scores: torch.Tensor, how: str) -> torch.Tensor:
+    """``[..., d]`` -> ``[...]``: ``vnorm`` = L2 norm, ``sum`` = signed sum."""
+    if how == "vnorm":
+        return torch.linalg.vector_norm(scores, ord=2, dim=-1)
+    if how == "sum":
+        return scores.sum(-1)
+    raise ValueError(f"Unknown hidden_reduction {how!r}; use 'vnorm' or 'sum'")
+
+
+def empty_outputs(example: Example, n_source: int | None, with_target: bool, extra: tuple[int, ...] = ()):
+    """NaN-filled ``(source, target)`` matrices for an example."""
+    steps = example.n_steps
+    source = torch.full((n_source, steps, *extra), float("nan")) if n_source is not None else None
+    target = torch.full((len(example.target_ids), steps, *extra), float("nan")) if with_target else None
+    return source, target

@@ -1,0 +1,400 @@
+r"""Gradient methods on shared-forward rows (see :mod:`distattr.methods.rows`).
+
+All of them are one formula over a *path* of points between a baseline ``b`` and the input ``x``
+(scaled input embeddings, or a layer's output activations for the layer methods):
+
+.. math::  A_i = |\,\cdot\,|^{abs}\Big( \sum_k w_k \; m_{k,i} \odot \frac{\partial f}{\partial z_i}(z^{(k)}) \Big)
+
+=============================  =======================  ==============  ========================
+method                         points ``z^(k)``          weights ``w``    multiplier ``m``
+=============================  =======================  ==============  ========================
+saliency                       ``x``                     1               1, then ``|.|``
+input_x_gradient               ``x``                     1               ``x``
+integrated_gradients           ``b + a_k (x - b)``       quadrature       ``x - b``
+gradient_shap                  ``b + a_k (x + e_k - b)``  ``1/n``          ``x + e_k - b``
+layer_gradient_x_activation    layer output ``h(x)``     1               ``h(x)``
+layer_integrated_gradients     ``h(b) + a_k (h(x)-h(b))``  quadrature     ``h(x) - h(b)``
+=============================  =======================  ==============  ========================
+
+with ``a_k ~ U(0,1)`` and ``e_k ~ N(0, stdevs^2)`` for GradientSHAP. Every per-dimension result is
+reduced to one score per token on the device (``vnorm`` = L2 over the hidden size, as Inseq shows it,
+or ``sum``) before anything leaves it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..models.adapters import RowInputs
+from .base import Example, MethodOutput, Picks, Request, empty_outputs, reduce_hidden
+from .rows import Piece, Unit, pack, plan_units
+
+
+@dataclass(frozen=True)
+class Path:
+    """Points, weights and multiplier of a gradient method (one set per unit; see module doc).
+
+    ``alphas``/``weights`` are ``[P]``; with ``random_alphas`` fresh alphas are drawn per unit from
+    ``generator`` (GradientSHAP). ``multiply`` is ``"none"``, ``"input"`` or ``"delta"``.
+    """
+
+    alphas: torch.Tensor
+    weights: torch.Tensor
+    multiply: str
+    absolute: bool = False
+    noise_std: float = 0.0
+    random_alphas: bool = False
+    generator: torch.Generator | None = None
+
+    @property
+    def n_points(self) -> int:
+        return len(self.alphas)
+
+
+@dataclass(frozen=True)
+class LayerTarget:
+    """Attribute to the outputs of ``modules`` instead of the input embeddings.
+
+    ``interpolate`` replaces the output by ``h(b) + a (h(x) - h(b))`` (one module only); otherwise a zero
+    tensor is added to each output so that gradients reach every module along all paths.
+    ``sides[i]`` is ``"source"`` for encoder modules, else ``"target"``.
+    """
+
+    modules: tuple[nn.Module, ...]
+    sides: tuple[str, ...]
+    names: tuple[str, ...]
+    interpolate: bool = False
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_first(output, value):
+    return (value, *output[1:]) if isinstance(output, tuple) else value
+
+
+@dataclass
+class _Accumulator:
+    """Per-unit running sums of ``w * m * grad`` for each of the unit's steps (kept until all points ran)."""
+
+    remaining: int
+    target: list[torch.Tensor | None] = field(default_factory=list)
+    source: list[torch.Tensor | None] = field(default_factory=list)
+
+
+def gradient_attribution(req: Request, path: Path, layer: LayerTarget | None = None,
+                         convergence_delta: bool = False) -> list[MethodOutput]:
+    """Run a gradient method over all examples of ``req``; returns one :class:`MethodOutput` each."""
+    adapter, examples = req.adapter, req.examples
+    enc_dec = adapter.is_encoder_decoder
+    n_layers = len(layer.modules) if layer else 0
+    extra = (n_layers,) if n_layers > 1 else ()
+    outputs = []
+    for ex in examples:
+        n_src = len(ex.source_ids) if enc_dec else None
+        with_target = req.attribute_target or not enc_dec
+        if layer is not None:
+            n_src = n_src if "source" in layer.sides else None
+            with_target = "target" in layer.sides
+        outputs.append(list(empty_outputs(ex, n_src, with_target, extra)))
+    sums = [torch.zeros(ex.n_steps) for ex in examples]  # signed totals, for convergence deltas
+
+    units = plan_units(examples, req.steps_per_row)
+    source_lens = [len(examples[u.example].source_ids) if enc_dec else 0 for u in units]
+    batches = pack(units, path.n_points, req.token_budget, source_lens)
+    accumulators: dict[int, _Accumulator] = {}
+    for batch in batches:
+        _run_batch(req, path, layer, units, batch, accumulators, outputs, sums)
+        if req.on_progress is not None:
+            finished = {p.unit for p in batch} - set(accumulators)
+            req.on_progress(sum(len(units[u].steps) for u in finished),
+                            sum(units[p.unit].length * len(p.points) for p in batch))
+
+    deltas = _convergence_deltas(req, layer, sums) if convergence_delta else [None] * len(examples)
+    return [
+        MethodOutput(source=s, target=t, deltas=d, extra_dims=("layer",) if extra else (),
+                     extra_labels=(layer.names,) if extra else ())
+        for (s, t), d in zip(outputs, deltas, strict=True)
+    ]
+
+
+def _alphas(path: Path, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if path.random_alphas:
+        alphas = torch.rand(n, generator=path.generator)
+        return alphas.to(device), path.weights.to(device)
+    return path.alphas.to(device), path.weights.to(device)
+
+
+def _pad_stack(rows: list[torch.Tensor], length: int) -> torch.Tensor:
+    """Right-pad ``[L_r, ...]`` tensors with zeros to ``[R, length, ...]``."""
+    out = rows[0].new_zeros((len(rows), length, *rows[0].shape[1:]))
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+def _run_batch(req: Request, path: Path, layer: LayerTarget | None, units: list[Unit], batch: list[Piece],
+               accumulators: dict[int, _Accumulator], outputs: list, sums: list[torch.Tensor]) -> None:
+    adapter, examples = req.adapter, req.examples
+    enc_dec = adapter.is_encoder_decoder
+    device = adapter.embedding.weight.device
+    attribute_target = req.attribute_target or not enc_dec
+
+    # ---- build rows: one per (piece, point) ----
+    row_unit, row_weight, row_alpha = [], [], []
+    for piece in batch:
+        alphas, weights = _alphas(path, len(piece.points), device)
+        if not path.random_alphas:
+            alphas, weights = alphas[list(piece.points)], weights[list(piece.points)]
+        row_unit += [piece.unit] * len(piece.points)
+        row_alpha.append(alphas)
+        row_weight.append(weights)
+    alpha = torch.cat(row_alpha)
+    weight = torch.cat(row_weight)
+    n_rows = len(row_unit)
+    lengths = [units[u].length for u in row_unit]
+    max_len = max(lengths)
+
+    def side_tensors(ids_of, base_of):
+        x = [ids_of(examples[units[u].example])[: (units[u].length if ids_of is _tgt else None)] for u in row_unit]
+        b = [base_of(examples[units[u].example])[: len(xi)] for u, xi in zip(row_unit, x, strict=True)]
+        return x, b
+
+    tgt_ids, tgt_base = side_tensors(_tgt, lambda e: e.target_baseline)
+    inputs, leaves, multipliers = {}, {}, {}
+    if enc_dec:
+        src_ids, src_base = side_tensors(_src, lambda e: e.source_baseline)
+        src_len = max(len(s) for s in src_ids)
+        mask = torch.zeros(n_rows, src_len, dtype=torch.long, device=device)
+        for i, s in enumerate(src_ids):
+            mask[i, : len(s)] = 1
+        inputs["source_mask"] = mask
+
+    hooks = []
+    if layer is None:
+        sides = [("target", tgt_ids, tgt_base, attribute_target)]
+        if enc_dec:
+            sides.append(("source", src_ids, src_base, True))
+        for side, ids, base, attributed in sides:
+            pad_to = max_len if side == "target" else src_len
+            x = _pad_stack([adapter.embed(i, side) for i in ids], pad_to)
+            if not attributed:
+                inputs[f"{side}_embeds"] = x
+                continue
+            b = _pad_stack([adapter.embed(i, side) for i in base], pad_to)
+            noise = None
+            if path.noise_std > 0:
+                noise = torch.randn(x.shape, generator=path.generator).to(x) * path.noise_std
+                x = x + noise
+            z = (b + alpha.view(-1, 1, 1) * (x - b)).detach().requires_grad_(True)
+            inputs[f"{side}_embeds"] = z
+            leaves[side] = z
+            multipliers[side] = {"none": None, "input": x, "delta": x - b}[path.multiply]
+    else:
+        pad_id = 0
+        inputs["target_ids"] = _pad_stack(tgt_ids, max_len) if tgt_ids else None
+        if enc_dec:
+            inputs["source_ids"] = _pad_stack(src_ids, src_len)
+        if layer.interpolate:
+            acts_x, acts_b = _layer_activations(adapter, layer, inputs, tgt_base, src_base if enc_dec else None,
+                                                max_len, pad_id)
+        for i, (module, side) in enumerate(zip(layer.modules, layer.sides, strict=True)):
+            hooks.append(module.register_forward_hook(
+                _layer_hook(layer, i, side, leaves, multipliers, alpha, path,
+                            (acts_x, acts_b) if layer.interpolate else None)))
+
+    # ---- forward once, scoring every step of every row ----
+    scored = torch.zeros(n_rows, max_len, dtype=torch.bool, device=device)
+    slot_of, entries = [], []
+    for r, u in enumerate(row_unit):
+        ex = examples[units[u].example]
+        for k, t in enumerate(units[u].steps):
+            scored[r, t - 1] = True
+            slot_of.append(k)
+            entries.append((ex, t))
+    rows = RowInputs(**inputs)
+    try:
+        with torch.enable_grad():
+            logits = adapter.forward(rows, scored).logits
+            rerun = _dropout_rerun(adapter, rows, scored)
+            f = req.target_fn(logits, Picks.gather(entries), rerun)
+            slot = torch.tensor(slot_of, device=f.device)
+            n_slots = int(slot.max()) + 1
+            names = list(leaves)
+            for k in range(n_slots):
+                grads = torch.autograd.grad(f[slot == k].sum(), [leaves[n] for n in names],
+                                            retain_graph=k < n_slots - 1, allow_unused=True)
+                _accumulate(req, path, layer, units, batch, row_unit, weight, k,
+                            dict(zip(names, grads, strict=True)), multipliers, accumulators, outputs, sums)
+    finally:
+        for h in hooks:
+            h.remove()
+    for u in {p.unit for p in batch}:
+        if accumulators[u].remaining == 0:
+            del accumulators[u]
+
+
+def _tgt(ex: Example) -> torch.Tensor:
+    return ex.target_ids
+
+
+def _src(ex: Example) -> torch.Tensor:
+    return ex.source_ids
+
+
+def _dropout_rerun(adapter, rows: RowInputs, scored: torch.Tensor):
+    def rerun() -> torch.Tensor:
+        adapter.model.train()
+        try:
+            return adapter.forward(rows, scored).logits
+        finally:
+            adapter.model.eval()
+
+    return rerun
+
+
+def _layer_activations(adapter, layer: LayerTarget, inputs: dict, tgt_base, src_base, max_len: int, pad_id: int):
+    """Outputs of the (single) layer for the input rows and for the baseline rows, without gradients."""
+    module = layer.modules[0]
+    captured = []
+    hook = module.register_forward_hook(lambda m, i, o: captured.append(_first(o).detach()))
+    try:
+        with torch.no_grad():
+            scored = torch.zeros(inputs["target_ids"].shape, dtype=torch.bool, device=inputs["target_ids"].device)
+            adapter.forward(RowInputs(**inputs), scored)
+            base = dict(inputs, target_ids=_pad_stack(tgt_base, max_len))
+            if src_base is not None:
+                base["source_ids"] = _pad_stack(src_base, inputs["source_ids"].shape[1])
+            adapter.forward(RowInputs(**base), scored)
+    finally:
+        hook.remove()
+    return captured[0], captured[1]
+
+
+def _layer_hook(layer: LayerTarget, index: int, side: str, leaves: dict, multipliers: dict, alpha, path: Path,
+                acts):
+    key = f"{side}:{index}"
+
+    def hook(module, args, output):
+        h = _first(output)
+        if acts is not None:  # integrated gradients at the layer: replace the output by a path point
+            hx, hb = acts
+            z = (hb + alpha.view(-1, *[1] * (hb.dim() - 1)).to(hb) * (hx - hb)).requires_grad_(True)
+            leaves[key] = z
+            multipliers[key] = {"none": None, "input": hx, "delta": hx - hb}[path.multiply]
+            return _replace_first(output, z)
+        z = torch.zeros_like(h, requires_grad=True)  # d f / d z == d f / d h along every path
+        leaves[key] = z
+        multipliers[key] = {"none": None, "input": h.detach(), "delta": h.detach()}[path.multiply]
+        return _replace_first(output, h + z)
+
+    return hook
+
+
+def _accumulate(req: Request, path: Path, layer: LayerTarget | None, units: list[Unit], batch: list[Piece],
+                row_unit: list[int], weight: torch.Tensor, slot: int, grads: dict, multipliers: dict,
+                accumulators: dict[int, _Accumulator], outputs: list, sums: list[torch.Tensor]) -> None:
+    """Fold the gradients of step ``slot`` of every row into its unit; finish units whose points all ran."""
+    batch_units = sorted(set(row_unit))
+    local = {u: i for i, u in enumerate(batch_units)}
+    group = torch.tensor([local[u] for u in row_unit])
+    points_in_batch = {u: 0 for u in batch_units}
+    for piece in batch:
+        points_in_batch[piece.unit] += len(piece.points)
+    for u in batch_units:
+        if u not in accumulators:
+            n = len(units[u].steps)
+            accumulators[u] = _Accumulator(remaining=path.n_points, target=[None] * n, source=[None] * n)
+
+    for key, grad in grads.items():
+        if grad is None:
+            continue
+        side = key.split(":")[0]
+        contrib = grad if multipliers[key] is None else grad * multipliers[key]
+        contrib = contrib * weight.view(-1, *[1] * (contrib.dim() - 1)).to(contrib)
+        summed = contrib.new_zeros((len(batch_units), *contrib.shape[1:])).index_add_(0, group.to(contrib.device),
+                                                                                       contrib)
+        layer_index = int(key.split(":")[1]) if ":" in key else 0
+        for u in batch_units:
+            if slot >= len(units[u].steps):
+                continue
+            acc = accumulators[u]
+            store = acc.target if side == "target" else acc.source
+            value = summed[local[u]]
+            if layer is not None and len(layer.modules) > 1:
+                store_key = (slot, layer_index)
+                if not isinstance(store[slot], dict):
+                    store[slot] = {}
+                prev = store[slot].get(store_key)
+                store[slot][store_key] = value if prev is None else prev + value
+            else:
+                store[slot] = value if store[slot] is None else store[slot] + value
+
+    last_slot = slot == max(len(units[u].steps) for u in batch_units) - 1
+    if not last_slot:
+        return
+    for u in batch_units:
+        acc = accumulators[u]
+        acc.remaining -= points_in_batch[u]
+        if acc.remaining == 0:
+            _finish_unit(req, path, layer, units[u], acc, outputs, sums)
+
+
+def _finish_unit(req: Request, path: Path, layer: LayerTarget | None, unit: Unit, acc: _Accumulator,
+                 outputs: list, sums: list[torch.Tensor]) -> None:
+    ex = req.examples[unit.example]
+    source_out, target_out = outputs[unit.example]
+    for k, t in enumerate(unit.steps):
+        col = t - ex.start
+        for side, store, out in (("target", acc.target, target_out), ("source", acc.source, source_out)):
+            value = store[k]
+            if value is None or out is None:
+                continue
+            n_valid = t if side == "target" else len(ex.source_ids)
+            if isinstance(value, dict):  # several layers: [L, d] each -> [n, n_layers]
+                per_layer = [value[key] for key in sorted(value, key=lambda key: key[1])]
+                stacked = torch.stack(per_layer, dim=-2)[:n_valid]  # [n, layers, d]
+                if path.absolute:
+                    stacked = stacked.abs()
+                out[:n_valid, col] = reduce_hidden(stacked, req.hidden_reduction).float().cpu()
+                sums[unit.example][col] += float(stacked.sum())
+                continue
+            value = value[:n_valid]
+            if path.absolute:
+                value = value.abs()
+            out[:n_valid, col] = reduce_hidden(value, req.hidden_reduction).float().cpu()
+            sums[unit.example][col] += float(value.sum())
+
+
+def _convergence_deltas(req: Request, layer: LayerTarget | None, sums: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``sum(attributions) - (f(x) - f(b))`` per step, from one no-grad forward each of input and baseline."""
+    adapter = req.adapter
+    deltas = []
+    with torch.no_grad():
+        for ex, total in zip(req.examples, sums, strict=True):
+            values = []
+            for ids, src in ((ex.target_ids, ex.source_ids), (ex.target_baseline, ex.source_baseline)):
+                use_base_target = req.attribute_target or not adapter.is_encoder_decoder
+                tgt = ids if use_base_target else ex.target_ids
+                values.append(_score_steps(req, ex, tgt, src))
+            deltas.append(total - (values[0] - values[1]).cpu().float())
+    return deltas
+
+
+def _score_steps(req: Request, ex: Example, target_ids: torch.Tensor, source_ids: torch.Tensor | None):
+    """Attributed function at every step of ``ex`` for the given (possibly baseline) token ids."""
+    adapter = req.adapter
+    length = ex.end - 1
+    embeds = adapter.embed(target_ids[:length], "target").unsqueeze(0)
+    scored = torch.zeros(1, length, dtype=torch.bool, device=embeds.device)
+    scored[0, ex.start - 1 : ex.end - 1] = True
+    inputs = {"target_embeds": embeds}
+    if adapter.is_encoder_decoder:
+        inputs["source_embeds"] = adapter.embed(source_ids, "source").unsqueeze(0)
+        inputs["source_mask"] = torch.ones(1, len(source_ids), dtype=torch.long, device=embeds.device)
+    logits = adapter.forward(RowInputs(**inputs), scored).logits
+    return req.target_fn(logits, Picks.gather([(ex, t) for t in range(ex.start, ex.end)]), None)

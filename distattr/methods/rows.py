@@ -1,0 +1,99 @@
+"""Rows: the unit of work shared by every gradient method.
+
+A *unit* is one example and a run of consecutive target steps ``t0 .. t1-1``. Its decoder row holds the
+tokens ``0 .. t1-2`` (everything those steps condition on); the logits of step ``t`` are read at position
+``t - 1``. One forward of the row serves all its steps, then one backward per step (vector-Jacobian
+product) gives that step's gradient. With one step per unit this is a batch of stacked prefixes
+(Inseq's loop, batched); with all steps in one unit it is a single teacher-forced forward followed by
+per-target backwards. :func:`plan_units` picks the run length that minimises the work.
+
+A unit is expanded into one row per *path point* (the interpolation points of integrated gradients,
+the samples of GradientSHAP, or the single input point of saliency); rows are packed into batches
+under a token budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Example
+
+# Backward cost of a row relative to its forward, parameters frozen (only input gradients flow).
+BACKWARD_TO_FORWARD = 1.0
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Steps ``steps`` (consecutive target positions) of example ``example``; the row has ``length`` tokens."""
+
+    example: int
+    steps: tuple[int, ...]
+
+    @property
+    def length(self) -> int:
+        return self.steps[-1]
+
+
+def unit_cost(length: int, n_steps: int) -> float:
+    """Token-passes of one unit: a forward of ``length`` tokens plus ``n_steps`` backwards over it."""
+    return length * (1.0 + BACKWARD_TO_FORWARD * n_steps)
+
+
+def split_steps(example: Example, width: int) -> list[tuple[int, ...]]:
+    steps = list(range(example.start, example.end))
+    return [tuple(steps[i : i + width]) for i in range(0, len(steps), width)]
+
+
+def choose_width(examples: list[Example], max_width: int | None = None) -> int:
+    """The run length (steps per row) that minimises total token-passes over all examples."""
+    longest = max((ex.n_steps for ex in examples), default=1)
+    candidates = sorted({1, *[2**i for i in range(1, 12) if 2**i < longest], longest})
+    if max_width is not None:
+        candidates = [w for w in candidates if w <= max_width] or [1]
+
+    def total(width: int) -> float:
+        return sum(unit_cost(c[-1], len(c)) for ex in examples for c in split_steps(ex, width))
+
+    return min(candidates, key=total)
+
+
+def plan_units(examples: list[Example], width: int | None) -> list[Unit]:
+    """All units of all examples, with ``width`` steps per unit (None: cost-model choice)."""
+    width = width or choose_width(examples)
+    return [Unit(i, chunk) for i, ex in enumerate(examples) if ex.n_steps > 0 for chunk in split_steps(ex, width)]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``points`` (indices into the unit's path points) of ``unit``."""
+
+    unit: int
+    points: tuple[int, ...]
+
+
+def pack(units: list[Unit], n_points: int, token_budget: int, extra_tokens: list[int] | None = None) -> list[list[Piece]]:
+    """Pack every (unit, point) row into batches of at most ``token_budget`` padded tokens.
+
+    Units are visited longest first so that rows of similar length share a batch. A unit whose rows
+    alone exceed the budget is split into pieces of points (their gradients are accumulated).
+    ``extra_tokens[u]`` adds per-row tokens (the encoder source) to unit ``u``'s cost.
+    """
+    order = sorted(range(len(units)), key=lambda u: -units[u].length)
+    batches: list[list[Piece]] = []
+    current: list[Piece] = []
+    rows, width = 0, 0
+    for u in order:
+        row_len = units[u].length + (extra_tokens[u] if extra_tokens else 0)
+        per_piece = max(1, min(n_points, token_budget // max(row_len, 1)))
+        for first in range(0, n_points, per_piece):
+            points = tuple(range(first, min(n_points, first + per_piece)))
+            new_width = max(width, row_len)
+            if current and (rows + len(points)) * new_width > token_budget:
+                batches.append(current)
+                current, rows, new_width = [], 0, row_len
+            current.append(Piece(u, points))
+            rows += len(points)
+            width = new_width
+    if current:
+        batches.append(current)
+    return batches

@@ -1,0 +1,133 @@
+"""One small adapter per architecture family: embed tokens, run the model from embeddings (or ids) on a
+batch of right-padded rows, and return logits only at the scored positions.
+
+Rows are right-padded. A causal decoder never lets a position see a later one, so padding at the end
+of a row cannot change the values at real positions: decoder rows need no attention mask, which keeps
+the fast causal attention kernels in play. Encoder inputs of different lengths do need a mask.
+
+Shapes: ``B`` rows, ``S`` source (encoder) length, ``L`` decoder length, ``d`` hidden size, ``V``
+vocabulary, ``K`` number of scored positions in the batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class RowInputs:
+    """The model inputs of a batch of rows; exactly one of ``*_embeds`` / ``*_ids`` is set per side.
+
+    ``target_*`` are the decoder inputs ``[B, L(, d)]``; ``source_*`` the encoder inputs ``[B, S(, d)]``
+    (encoder-decoder only) with ``source_mask`` ``[B, S]``.
+    """
+
+    target_embeds: torch.Tensor | None = None
+    target_ids: torch.Tensor | None = None
+    source_embeds: torch.Tensor | None = None
+    source_ids: torch.Tensor | None = None
+    source_mask: torch.Tensor | None = None
+
+
+def _embed_scale(module: nn.Module) -> float:
+    scale = getattr(module, "embed_scale", 1.0)
+    return float(scale) if not isinstance(scale, torch.Tensor) else float(scale.item())
+
+
+def _keeps_logits(model: nn.Module) -> bool:
+    """Whether the model's forward can project only selected positions onto the vocabulary."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+@dataclass(frozen=True)
+class DecoderOnlyAdapter:
+    """A causal LM (``AutoModelForCausalLM``): the attributed sequence is prompt + generation."""
+
+    model: nn.Module
+    embed_scale: float
+    keeps_logits: bool
+    is_encoder_decoder: bool = False
+
+    @classmethod
+    def wrap(cls, model: nn.Module) -> DecoderOnlyAdapter:
+        return cls(model=model, embed_scale=_embed_scale(model), keeps_logits=_keeps_logits(model))
+
+    @property
+    def embedding(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def embed(self, ids: torch.Tensor, side: str = "target") -> torch.Tensor:
+        """``ids [..., L]`` -> ``[..., L, d]`` in the space gradients are taken in (scaled embeddings)."""
+        return self.embedding(ids.to(self.embedding.weight.device)) * self.embed_scale
+
+    def forward(self, rows: RowInputs, scored: torch.Tensor, **kwargs):
+        """Run the model; ``output.logits`` holds ``[K, V]`` logits at the True positions of ``scored [B, L]``."""
+        inputs = {"inputs_embeds": rows.target_embeds} if rows.target_embeds is not None else {
+            "input_ids": rows.target_ids}
+        return _forward_scored(self.model, self.keeps_logits, scored, use_cache=False, **inputs, **kwargs)
+
+
+@dataclass(frozen=True)
+class EncoderDecoderAdapter:
+    """A sequence-to-sequence LM (``AutoModelForSeq2SeqLM``): source -> target with a decoder-start token."""
+
+    model: nn.Module
+    embed_scale: float
+    keeps_logits: bool
+    is_encoder_decoder: bool = True
+
+    @classmethod
+    def wrap(cls, model: nn.Module) -> EncoderDecoderAdapter:
+        encoder, decoder = model.get_encoder(), model.get_decoder()
+        scale = _embed_scale(encoder)
+        if _embed_scale(decoder) != scale:
+            raise ValueError("Encoder and decoder use different embedding scales; this is not supported.")
+        return cls(model=model, embed_scale=scale, keeps_logits=_keeps_logits(model))
+
+    @property
+    def embedding(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def embed(self, ids: torch.Tensor, side: str = "source") -> torch.Tensor:
+        """``ids [..., L]`` -> scaled embeddings ``[..., L, d]`` (same table for both sides)."""
+        return self.embedding(ids.to(self.embedding.weight.device)) * self.embed_scale
+
+    def forward(self, rows: RowInputs, scored: torch.Tensor, **kwargs):
+        inputs = {"attention_mask": rows.source_mask}
+        if rows.source_embeds is not None:
+            inputs["inputs_embeds"] = rows.source_embeds
+        else:
+            inputs["input_ids"] = rows.source_ids
+        if rows.target_embeds is not None:
+            inputs["decoder_inputs_embeds"] = rows.target_embeds
+        else:
+            inputs["decoder_input_ids"] = rows.target_ids
+        return _forward_scored(self.model, self.keeps_logits, scored, use_cache=False, **inputs, **kwargs)
+
+
+def _forward_scored(model: nn.Module, keeps_logits: bool, scored: torch.Tensor, **inputs):
+    """Forward with the LM head applied only at ``scored`` positions (the model's own head code runs)."""
+    if keeps_logits:
+        out = model(logits_to_keep=scored.to(_first_device(model)), **inputs)
+        return out
+    out = model(**inputs)
+    out.logits = out.logits[scored.to(out.logits.device)]
+    return out
+
+
+def _first_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+Adapter = DecoderOnlyAdapter | EncoderDecoderAdapter
+
+
+def wrap_model(model: nn.Module) -> Adapter:
+    """Pick the adapter from the model's config."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return EncoderDecoderAdapter.wrap(model)
+    return DecoderOnlyAdapter.wrap(model)

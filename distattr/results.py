@@ -1,0 +1,229 @@
+"""Result types, Inseq-style display aggregation, and JSON save/load.
+
+A :class:`SequenceAttribution` holds token-level matrices ``[n_tokens, n_steps(, *dims)]``: column ``c``
+explains target token ``attr_pos_start + c``. For decoder-only models ``source_tokens`` are the prompt,
+``target_tokens`` the whole sequence (prompt + generation) and ``source_attributions`` is None, as in
+Inseq. Future target tokens are NaN.
+
+The JSON file (format ``distattr.attribution``, version 1) is a public contract documented in the README.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "distattr.attribution"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SequenceAttribution:
+    """Attributions of one example. Arrays are float32; see the module docstring for the layout."""
+
+    source_tokens: tuple[str, ...]
+    target_tokens: tuple[str, ...]
+    source_ids: tuple[int, ...]
+    target_ids: tuple[int, ...]
+    source_attributions: np.ndarray | None
+    target_attributions: np.ndarray | None
+    step_scores: dict[str, np.ndarray]
+    attr_pos_start: int
+    attr_pos_end: int
+    deltas: np.ndarray | None = None
+    dims: tuple[str, ...] = ()
+    dim_labels: tuple[tuple[str, ...], ...] = ()
+
+    @property
+    def generated_tokens(self) -> tuple[str, ...]:
+        """The explained target tokens, one per column."""
+        return self.target_tokens[self.attr_pos_start : self.attr_pos_end]
+
+    def aggregate(self, normalize: bool = True, rescale: bool = False) -> SequenceAttribution:
+        """Inseq's display aggregation: average each extra dim (last first), L1-normalising every column
+        over source + target tokens after each stage (``normalize``), or dividing by the global max |value|
+        (``rescale``). Token-level gradient scores are already L2-reduced over the hidden size."""
+        if normalize and rescale:
+            raise ValueError("normalize and rescale are mutually exclusive")
+        src, tgt = self.source_attributions, self.target_attributions
+        dims = list(self.dims)
+        stages = max(len(dims), 1)
+        for _ in range(stages):
+            if dims:
+                src = None if src is None else _nanmean_last(src)
+                tgt = None if tgt is None else _nanmean_last(tgt)
+                dims.pop()
+            if normalize:
+                src, tgt = normalize_columns(src, tgt)
+        if rescale:
+            src, tgt = rescale_global(src, tgt)
+        return dataclasses.replace(self, source_attributions=src, target_attributions=tgt, dims=(), dim_labels=())
+
+
+def _nanmean_last(x: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore"), _quiet_nan_warnings():
+        return np.nanmean(x, axis=-1).astype(np.float32)
+
+
+class _quiet_nan_warnings:
+    def __enter__(self):
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("ignore", category=RuntimeWarning)
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+
+def normalize_columns(src: np.ndarray | None, tgt: np.ndarray | None):
+    """Divide each column by the sum of |values| over source and target tokens together (NaN kept).
+
+    Same as Inseq's ``normalize``: ``F.normalize(p=1, dim=0)`` on the token-concatenated matrix."""
+    parts = [p for p in (src, tgt) if p is not None]
+    if not parts:
+        return src, tgt
+    both = np.concatenate(parts, axis=0).astype(np.float32)
+    nan = np.isnan(both)
+    filled = np.where(nan, 0.0, both)
+    norm = np.maximum(np.abs(filled).sum(axis=0, keepdims=True), 1e-12)
+    out = np.where(nan, np.nan, filled / norm).astype(np.float32)
+    n_src = 0 if src is None else len(src)
+    return (out[:n_src] if src is not None else None), (out[n_src:] if tgt is not None else None)
+
+
+def rescale_global(src: np.ndarray | None, tgt: np.ndarray | None):
+    """Divide by the largest |value| over both matrices."""
+    parts = [np.abs(p[~np.isnan(p)]) for p in (src, tgt) if p is not None and (~np.isnan(p)).any()]
+    peak = max((float(p.max()) for p in parts), default=0.0) or 1.0
+    return (None if src is None else src / peak), (None if tgt is None else tgt / peak)
+
+
+@dataclass(frozen=True)
+class AttributionOutput:
+    """The result of ``model.attribute``: one :class:`SequenceAttribution` per input, plus ``info``
+    (model, revision, method and arguments, attributed function, versions, timing)."""
+
+    sequences: tuple[SequenceAttribution, ...]
+    info: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def __getitem__(self, index: int) -> SequenceAttribution:
+        return self.sequences[index]
+
+    def __iter__(self) -> Iterator[SequenceAttribution]:
+        return iter(self.sequences)
+
+    def aggregate(self, normalize: bool = True, rescale: bool = False) -> AttributionOutput:
+        return dataclasses.replace(self, sequences=tuple(s.aggregate(normalize, rescale) for s in self.sequences))
+
+    def show(self, normalize: bool = True, rescale: bool = False, step_scores: bool = True, console=None) -> None:
+        """Print a heatmap per example (rich console)."""
+        from .viz.console import show_console
+
+        show_console(self, normalize=normalize, rescale=rescale, step_scores=step_scores, console=console)
+
+    def html(self, normalize: bool = True, rescale: bool = False) -> str:
+        """A self-contained HTML page with one heatmap per example."""
+        from .viz.html import render_html
+
+        return render_html(self, normalize=normalize, rescale=rescale)
+
+    def _repr_html_(self) -> str:
+        return self.html()
+
+    def save(self, path: str | Path, overwrite: bool = True) -> Path:
+        """Write the JSON file (NaN as ``null``); reading it back with :func:`load` is exact."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists (pass overwrite=True)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"format": FORMAT, "version": FORMAT_VERSION, "info": _jsonable(self.info),
+               "sequences": [_seq_to_json(s) for s in self.sequences]}
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(doc, allow_nan=False))
+        tmp.replace(path)
+        return path
+
+
+def _array_to_json(a: np.ndarray | None):
+    if a is None:
+        return None
+    flat = [None if math.isnan(v) else v for v in np.asarray(a, dtype=np.float32).astype(np.float64).ravel().tolist()]
+    return {"shape": list(a.shape), "data": flat}
+
+
+def _array_from_json(obj) -> np.ndarray | None:
+    if obj is None:
+        return None
+    data = np.array([np.nan if v is None else v for v in obj["data"]], dtype=np.float64)
+    return data.astype(np.float32).reshape(obj["shape"])
+
+
+def _seq_to_json(s: SequenceAttribution) -> dict:
+    return {
+        "source_tokens": list(s.source_tokens), "target_tokens": list(s.target_tokens),
+        "source_ids": list(s.source_ids), "target_ids": list(s.target_ids),
+        "source_attributions": _array_to_json(s.source_attributions),
+        "target_attributions": _array_to_json(s.target_attributions),
+        "step_scores": {k: _array_to_json(v) for k, v in s.step_scores.items()},
+        "attr_pos_start": s.attr_pos_start, "attr_pos_end": s.attr_pos_end,
+        "deltas": _array_to_json(s.deltas), "dims": list(s.dims), "dim_labels": [list(x) for x in s.dim_labels],
+    }
+
+
+def _seq_from_json(d: dict) -> SequenceAttribution:
+    return SequenceAttribution(
+        source_tokens=tuple(d["source_tokens"]), target_tokens=tuple(d["target_tokens"]),
+        source_ids=tuple(d["source_ids"]), target_ids=tuple(d["target_ids"]),
+        source_attributions=_array_from_json(d["source_attributions"]),
+        target_attributions=_array_from_json(d["target_attributions"]),
+        step_scores={k: _array_from_json(v) for k, v in d["step_scores"].items()},
+        attr_pos_start=d["attr_pos_start"], attr_pos_end=d["attr_pos_end"], deltas=_array_from_json(d["deltas"]),
+        dims=tuple(d["dims"]), dim_labels=tuple(tuple(x) for x in d["dim_labels"]),
+    )
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, str | int | float | bool) or obj is None:
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return repr(obj)
+
+
+def load(path: str | Path) -> AttributionOutput:
+    """Read a file written by :meth:`AttributionOutput.save`."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not a distattr result: not valid JSON ({err})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a distattr result (no '\"format\": \"{FORMAT}\"' field)")
+    version = doc.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} uses result format version {version}; this distattr reads up to {FORMAT_VERSION}. "
+            "Upgrade distattr to read it."
+        )
+    try:
+        sequences = tuple(_seq_from_json(s) for s in doc["sequences"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path} is a damaged distattr result: {err!r}") from None
+    return AttributionOutput(sequences=sequences, info=doc.get("info", {}))

@@ -1,0 +1,1 @@
+"""Views of results: console heatmaps, self-contained HTML, progress bars."""
