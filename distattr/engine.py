@@ -227,10 +227,13 @@ def prepare(loaded: LoadedModel, texts, generated_texts, cfg: AttributeConfig) -
         eos = _eos_id(model, tokenizer)
         new = [_clean_generation(x[1:] if enc_dec else x, tokenizer, eos, enc_dec) for x in new]
         if enc_dec:
-            target_ids = [[_decoder_start(model), *x] for x in new]
+            # As Inseq: the target is the generated text tokenized as a target (which appends EOS).
+            targets = [tokenizer.decode(x, skip_special_tokens=True) for x in new]
+            start_tok = _decoder_start(model)
+            target_ids = [[start_tok, *_encode(tokenizer, t, add_special, as_target=True)] for t in targets]
         else:
             target_ids = [s + x for s, x in zip(source_ids, new, strict=True)]
-        targets = [tokenizer.decode(t[1:] if enc_dec else t, skip_special_tokens=True) for t in target_ids]
+            targets = [tokenizer.decode(t, skip_special_tokens=True) for t in target_ids]
 
     contrast_t = cfg.contrast_targets
     if contrast_t is not None and len(contrast_t) != n:

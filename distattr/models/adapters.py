@@ -78,6 +78,7 @@ class EncoderDecoderAdapter:
     model: nn.Module
     embed_scale: float
     keeps_logits: bool
+    decoder_divisor: float = 1.0
     is_encoder_decoder: bool = True
 
     @classmethod
@@ -86,7 +87,10 @@ class EncoderDecoderAdapter:
         scale = _embed_scale(encoder)
         if _embed_scale(decoder) != scale:
             raise ValueError("Encoder and decoder use different embedding scales; this is not supported.")
-        return cls(model=model, embed_scale=scale, keeps_logits=_keeps_logits(model))
+        adapter = cls(model=model, embed_scale=scale, keeps_logits=_keeps_logits(model))
+        if scale != 1.0 and _decoder_scales_given_embeds(adapter):
+            adapter = cls(model=model, embed_scale=scale, keeps_logits=adapter.keeps_logits, decoder_divisor=scale)
+        return adapter
 
     @property
     def embedding(self) -> nn.Module:
@@ -103,10 +107,27 @@ class EncoderDecoderAdapter:
         else:
             inputs["input_ids"] = rows.source_ids
         if rows.target_embeds is not None:
-            inputs["decoder_inputs_embeds"] = rows.target_embeds
+            inputs["decoder_inputs_embeds"] = rows.target_embeds / self.decoder_divisor
         else:
             inputs["decoder_input_ids"] = rows.target_ids
         return _forward_scored(self.model, self.keeps_logits, scored, use_cache=False, **inputs, **kwargs)
+
+
+def _decoder_scales_given_embeds(adapter: EncoderDecoderAdapter) -> bool:
+    """Whether the decoder multiplies *given* embeddings by its scale again (Marian in transformers 5).
+
+    Gradients are always taken w.r.t. the scaled embeddings (Inseq's convention); such a decoder is fed
+    ``scaled / scale`` so that the model computes exactly what it computes from token ids.
+    """
+    device = _first_device(adapter.model)
+    ids = torch.tensor([[3, 4, 5]], device=device)
+    mask = torch.ones_like(ids)
+    scored = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        reference = adapter.forward(RowInputs(source_ids=ids, target_ids=ids, source_mask=mask), scored).logits
+        as_given = adapter.forward(RowInputs(source_ids=ids, target_embeds=adapter.embed(ids), source_mask=mask),
+                                   scored).logits
+    return not torch.allclose(reference, as_given, rtol=1e-4, atol=1e-5)
 
 
 def _forward_scored(model: nn.Module, keeps_logits: bool, scored: torch.Tensor, **inputs):
