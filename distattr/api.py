@@ -64,7 +64,8 @@ class AttributionModel:
         steps_per_row: int | None = None,
         batch_size: int = 16,
         show_progress: bool = True,
-        **method_args,
+        method_args: dict | None = None,
+        **more_method_args,
     ) -> AttributionOutput:
         """Explain each generated token of each input.
 
@@ -90,12 +91,14 @@ class AttributionModel:
             steps_per_row: steps sharing one forward (None: chosen by a cost model; 1 = stacked prefixes).
             batch_size: inputs per generation batch.
             show_progress: progress bar on a terminal.
-            **method_args: the method's arguments (e.g. ``n_steps`` for integrated gradients).
+            method_args: the method's arguments as a dict (needed for names that clash with this
+                signature, e.g. integrated gradients' quadrature ``{"method": "riemann_left"}``).
+            **more_method_args: the method's arguments as keywords (e.g. ``n_steps=16``).
         Returns:
             :class:`~distattr.results.AttributionOutput`.
         """
         name = method or self.method
-        args = {**(self.method_args if name == self.method else {}), **method_args}
+        args = {**(self.method_args if name == self.method else {}), **(method_args or {}), **more_method_args}
         cfg = engine.AttributeConfig(
             method=name, method_args=args, attributed_fn=attributed_fn,
             attributed_fn_args=dict(attributed_fn_args or {}), step_scores=tuple(step_scores),
@@ -107,8 +110,6 @@ class AttributionModel:
             hidden_reduction=hidden_reduction, token_budget=token_budget, steps_per_row=steps_per_row,
             batch_size=batch_size,
         )
-        if attribute_target and not self.is_encoder_decoder:
-            attribute_target = False  # decoder-only models always attribute the prefix
         out = engine.attribute(self.loaded, self.adapter, input_texts, generated_texts, cfg,
                                progress=progress_factory(f"Attributing with {name}") if show_progress else None)
         info = {**describe(self.loaded), **out.info, "versions": versions()}
@@ -142,7 +143,8 @@ def load_model(
     revision: str | None = None,
     model_kwargs: dict | None = None,
     tokenizer_kwargs: dict | None = None,
-    **method_args,
+    method_args: dict | None = None,
+    **more_method_args,
 ) -> AttributionModel:
     """Load a model for attribution.
 
@@ -151,8 +153,10 @@ def load_model(
             ``.gguf`` file, or a loaded ``PreTrainedModel`` (with ``tokenizer``).
         method: default attribution method (see :func:`list_methods`).
         dtype / device / device_map / revision / model_kwargs: passed to ``from_pretrained``.
-        **method_args: default arguments of ``method`` (validated now).
+        method_args / **more_method_args: default arguments of ``method`` (validated now); use the dict
+            for names that clash with this signature (e.g. integrated gradients' ``method``).
     """
+    method_args = {**(method_args or {}), **more_method_args}
     methods.build_args(method, method_args)
     loaded = load(model, tokenizer, dtype=dtype, device=device, device_map=device_map, revision=revision,
                   model_kwargs=model_kwargs, tokenizer_kwargs=tokenizer_kwargs)

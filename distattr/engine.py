@@ -290,7 +290,9 @@ def _per_example_alignments(alignments, n: int) -> list[list | None]:
                      for p in items):
         return [[tuple(p) for p in items]] * n
     if len(items) != n:
-        raise ValueError("contrast_targets_alignments: give one list of (target, contrast) index pairs, or one per input")
+        raise ValueError(
+            "contrast_targets_alignments: give one list of (target, contrast) index pairs, or one list per input"
+        )
     return [[tuple(p) for p in per] for per in items]
 
 

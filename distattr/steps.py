@@ -146,13 +146,19 @@ def _top_p_mask(logits: torch.Tensor, top_p: float, min_tokens_to_keep: int = 1)
     return remove_sorted.scatter(-1, order, remove_sorted)
 
 
-def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_keep: int) -> torch.Tensor:
+def _filter_pair(orig: torch.Tensor, contrast: torch.Tensor, top_k: int, top_p: float,
+                 min_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inseq's ``filter_logits`` with its default ``"merged"`` strategy: the top-p mask, then the top-k mask, are
+    computed on ``orig + contrast`` and applied to both sets of logits (so both keep the same tokens)."""
     if 0 < top_p < 1:
-        logits = logits.masked_fill(_top_p_mask(logits, top_p, min_keep), float("-inf"))
+        mask = _top_p_mask(orig + contrast, top_p, min_keep)
+        orig, contrast = orig.masked_fill(mask, float("-inf")), contrast.masked_fill(mask, float("-inf"))
     if top_k > 0:
-        kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return logits
+        merged = orig + contrast
+        kth = merged.topk(min(max(top_k, min_keep), merged.size(-1)), dim=-1).values[..., -1:]
+        orig, contrast = orig.masked_fill(merged < kth, float("-inf")), contrast.masked_fill(merged < kth,
+                                                                                            float("-inf"))
+    return orig, contrast
 
 
 def kl_divergence(
@@ -160,14 +166,17 @@ def kl_divergence(
     contrast_force_inputs: bool = False,
 ) -> torch.Tensor:
     """``KL(P_orig || P_contrast)`` over the next-token distributions, optionally after top-p then top-k
-    filtering of both (the contrast is filtered where the original is, as in Inseq)."""
+    filtering of both with masks computed on the summed logits (Inseq's default "merged" strategy). Filtered
+    tokens contribute 0 (Inseq's ``F.kl_div`` turns them into NaN)."""
     if ctx.is_attributed_fn and not contrast_force_inputs:
         raise ValueError(
             "kl_divergence as the attribution target compares two different forward passes; pass "
             "contrast_force_inputs=True to do it anyway."
         )
-    orig = _filter(ctx.logits, top_k, top_p, min_tokens_to_keep)
-    contrast = ctx.contrast_or_self().logits.to(orig.device).masked_fill(orig.isinf(), float("-inf"))
+    # Fix: the filter used to be computed on the original logits alone (contrast masked where the original
+    # was), while Inseq masks both where ``orig + contrast`` falls outside the top-p / top-k set.
+    orig, contrast = _filter_pair(ctx.logits, ctx.contrast_or_self().logits.to(ctx.logits.device), top_k, top_p,
+                                  min_tokens_to_keep)
     logp, logq = orig.log_softmax(-1), contrast.log_softmax(-1)
     terms = logp.exp() * (logp - logq)
     return terms.nan_to_num(0.0).sum(-1)

@@ -110,6 +110,16 @@ class MethodOutput:
     extra_labels: tuple[tuple[str, ...], ...] = ()
 
 
+def check_differentiable(f: torch.Tensor) -> torch.Tensor:
+    """Refuse a piecewise-constant attributed function (e.g. ``top_p_size``): its gradient is zero."""
+    if not f.requires_grad:
+        raise ValueError(
+            "The attributed function does not depend differentiably on the inputs (its gradient is zero "
+            "everywhere); use it as a step score, or with a method that does not differentiate it."
+        )
+    return f
+
+
 def reduce_hidden(scores: torch.Tensor, how: str) -> torch.Tensor:
     """``[..., d]`` -> ``[...]``: ``vnorm`` = L2 norm, ``sum`` = signed sum."""
     if how == "vnorm":

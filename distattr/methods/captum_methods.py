@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..models.adapters import RowInputs
-from .base import MethodOutput, Picks, Request, empty_outputs, reduce_hidden
+from .base import MethodOutput, Picks, Request, check_differentiable, empty_outputs, reduce_hidden
 from .gradient import LayerTarget, _pad_stack
 from .rows import pack, plan_units
 
@@ -45,7 +45,7 @@ class RowScorer(nn.Module):
         )
         logits = self._adapter.forward(rows, scored).logits
         picks = Picks.gather([self.entries[i] for i in row_index.tolist()])
-        return self._target_fn(logits, picks, None)
+        return check_differentiable(self._target_fn(logits, picks, None))
 
 
 def deeplift_attribution(req: Request, layer: LayerTarget | None = None) -> list[MethodOutput]:

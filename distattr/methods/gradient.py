@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..models.adapters import RowInputs
-from .base import Example, MethodOutput, Picks, Request, empty_outputs, reduce_hidden
+from .base import Example, MethodOutput, Picks, Request, check_differentiable, empty_outputs, reduce_hidden
 from .rows import Piece, Unit, pack, plan_units
 
 
@@ -190,7 +190,7 @@ def _run_batch(req: Request, path: Path, layer: LayerTarget | None, units: list[
             if path.noise_std > 0:
                 noise = torch.randn(x.shape, generator=path.generator).to(x) * path.noise_std
                 x = x + noise
-            z = (b + alpha.view(-1, 1, 1) * (x - b)).detach().requires_grad_(True)
+            z = (b + alpha.view(-1, 1, 1).to(x.dtype) * (x - b)).detach().requires_grad_(True)
             inputs[f"{side}_embeds"] = z
             leaves[side] = z
             multipliers[side] = {"none": None, "input": x, "delta": x - b}[path.multiply]
@@ -221,7 +221,7 @@ def _run_batch(req: Request, path: Path, layer: LayerTarget | None, units: list[
         with torch.enable_grad():
             logits = adapter.forward(rows, scored).logits
             rerun = _dropout_rerun(adapter, rows, scored)
-            f = req.target_fn(logits, Picks.gather(entries), rerun)
+            f = check_differentiable(req.target_fn(logits, Picks.gather(entries), rerun))
             slot = torch.tensor(slot_of, device=f.device)
             n_slots = int(slot.max()) + 1
             names = list(leaves)
@@ -314,7 +314,8 @@ def _accumulate(req: Request, path: Path, layer: LayerTarget | None, units: list
         if grad is None:
             continue
         side = key.split(":")[0]
-        contrib = grad if multipliers[key] is None else grad * multipliers[key]
+        # accumulate in float32 whatever the model dtype: IG sums many small terms
+        contrib = grad.float() if multipliers[key] is None else grad.float() * multipliers[key].float()
         contrib = contrib * weight.view(-1, *[1] * (contrib.dim() - 1)).to(contrib)
         summed = contrib.new_zeros((len(batch_units), *contrib.shape[1:])).index_add_(0, group.to(contrib.device),
                                                                                        contrib)

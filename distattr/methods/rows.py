@@ -71,7 +71,9 @@ class Piece:
     points: tuple[int, ...]
 
 
-def pack(units: list[Unit], n_points: int, token_budget: int, extra_tokens: list[int] | None = None) -> list[list[Piece]]:
+def pack(
+    units: list[Unit], n_points: int, token_budget: int, extra_tokens: list[int] | None = None
+) -> list[list[Piece]]:
     """Pack every (unit, point) row into batches of at most ``token_budget`` padded tokens.
 
     Units are visited longest first so that rows of similar length share a batch. A unit whose rows

@@ -51,8 +51,10 @@ table.heatmap { border-collapse: separate; border-spacing: 0; font-size: 12px; f
 .tok { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12px; }
 thead .tok { display: block; max-width: 9em; white-space: normal; word-break: break-all; }
 .pos { display: block; color: var(--muted); font-weight: 400; font-size: 10.5px; }
+th.row .tok { display: inline-block; max-width: 16em; overflow: hidden; text-overflow: ellipsis;
+              vertical-align: bottom; }
 th.row .pos { display: inline-block; min-width: 2.2em; margin-right: 6px; text-align: right; }
-.heatmap td { text-align: center; min-width: 3.6em; }
+.heatmap td { text-align: center; min-width: 4.2em; }
 .heatmap td.dark { color: #fff; }
 .heatmap td.nan { background: repeating-linear-gradient(135deg, #fafbfc 0 4px, #f3f4f6 4px 8px); }
 .heatmap td:hover { outline: 2px solid #24292f; outline-offset: -2px; }

@@ -1,0 +1,305 @@
+"""The ``distattr`` command line.
+
+``distattr attribute TEXT [TEXT ...] [options]`` explains each generated token of each input and prints
+the heatmaps (``--output`` writes the JSON result, ``--html`` a self-contained page).
+``distattr methods`` and ``distattr step-functions`` list what can be used.
+
+Bad input gives a one-line error on stderr and exit status 2 (``--debug`` shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+USAGE_ERROR = 2
+PYTHON_WORDS = {"True": True, "False": False, "None": None}
+
+
+class UsageError(ValueError):
+    """Bad command-line input."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) that raise instead of exiting."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def parse_value(text: str):
+    """JSON when it parses (``8``, ``true``, ``[1, 2]``, ``"x"``), Python's True/False/None, else the string."""
+    if text in PYTHON_WORDS:
+        return PYTHON_WORDS[text]
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_pairs(items: list[str] | None, flag: str) -> dict:
+    """``["k=v", ...]`` -> ``{k: parse_value(v)}``."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"{flag} expects key=value, got {item!r}")
+        if not key.isidentifier():
+            raise UsageError(f"{flag}: {key!r} is not a valid argument name")
+        out[key] = parse_value(value)
+    return out
+
+
+def parse_step_score_pairs(items: list[str] | None) -> dict:
+    """``["name.k=v", ...]`` -> ``{name: {k: v}}``."""
+    out: dict[str, dict] = {}
+    for item in items or []:
+        target, sep, rest = item.partition(".")
+        if not sep or not target or "=" not in rest:
+            raise UsageError(f"--step-score-arg expects name.key=value, got {item!r}")
+        out.setdefault(target, {}).update(parse_pairs([rest], "--step-score-arg"))
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="distattr", description="Fast feature attribution for generative language models.")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    att = sub.add_parser(
+        "attribute", help="explain the generated tokens of one or more inputs",
+        description="Explain each generated token of each input. Give the input texts first (options that take "
+                    "several values, like --step-scores, would otherwise swallow them), or put them after '--'.",
+    )
+    att.add_argument("input_texts", nargs="*", metavar="TEXT", help="prompt (decoder-only) or source text")
+    att.add_argument("--inputs-file", metavar="FILE", help="read more input texts from FILE, one per line")
+    att.add_argument("--model", "-m", default="smollm2-135m",
+                     help="embedded model name, Hugging Face id, local folder or .gguf file (default: %(default)s)")
+    att.add_argument("--method", "-a", default="saliency", help="attribution method (default: %(default)s); "
+                                                                 "see 'distattr methods'")
+    att.add_argument("--method-arg", action="append", metavar="KEY=VALUE",
+                     help="method argument, repeatable (values are JSON when they parse, e.g. n_steps=8)")
+    att.add_argument("--generated-texts", "-g", nargs="+", action="extend", metavar="TEXT",
+                     help="attribute these outputs instead of generating (one per input; decoder-only: each "
+                          "starts with its input)")
+    att.add_argument("--step-scores", nargs="+", action="extend", metavar="NAME",
+                     help="step functions to report per generated token; see 'distattr step-functions'")
+    att.add_argument("--step-score-arg", action="append", metavar="NAME.KEY=VALUE",
+                     help="argument of a step score, repeatable (e.g. top_p_size.top_p=0.5)")
+    att.add_argument("--attributed-fn", default="probability", metavar="NAME",
+                     help="step function differentiated (default: %(default)s)")
+    att.add_argument("--attributed-fn-arg", action="append", metavar="KEY=VALUE",
+                     help="argument of the attributed function, repeatable (e.g. logprob=true)")
+    att.add_argument("--contrast-targets", nargs="+", action="extend", metavar="TEXT",
+                     help="contrastive targets for contrast_* functions (one per input)")
+    att.add_argument("--attribute-target", action="store_true",
+                     help="encoder-decoder models: also attribute the generated prefix")
+    att.add_argument("--attr-pos-start", type=int, metavar="N", help="first target position to explain")
+    att.add_argument("--attr-pos-end", type=int, metavar="N", help="target position to stop before")
+    att.add_argument("--max-new-tokens", type=int, metavar="N", help="generation length (wins over --generation-arg)")
+    att.add_argument("--generation-arg", action="append", metavar="KEY=VALUE",
+                     help="argument of model.generate, repeatable (e.g. do_sample=false)")
+    att.add_argument("--skip-special-tokens", action="store_true", help="tokenize without special tokens")
+    att.add_argument("--include-eos-baseline", action="store_true", help="replace EOS by UNK in baselines too")
+    att.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"),
+                     help="model weights dtype (default float32)")
+    att.add_argument("--device", help="where to run, e.g. cpu, cuda, cuda:1, mps")
+    att.add_argument("--token-budget", type=int, default=8192, metavar="N",
+                     help="most padded tokens per forward/backward batch (default: %(default)s)")
+    att.add_argument("--batch-size", type=int, default=16, metavar="N", help="inputs per generation batch")
+    att.add_argument("--output", "-o", metavar="FILE.json", help="save the result (reload with distattr.load)")
+    att.add_argument("--html", metavar="FILE.html", help="write a self-contained HTML page of the heatmaps")
+    att.add_argument("--no-show", action="store_true", help="do not print the heatmaps")
+    views = att.add_mutually_exclusive_group()
+    views.add_argument("--rescale", action="store_true", help="views: divide by the global max |score| instead "
+                                                              "of normalizing each column")
+    views.add_argument("--raw", action="store_true", help="views: show scores as they are")
+    att.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no status messages")
+    att.set_defaults(func=cmd_attribute)
+
+    sub.add_parser("methods", help="list the attribution methods").set_defaults(func=cmd_methods)
+    sub.add_parser("step-functions", help="list the step functions").set_defaults(func=cmd_step_functions)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 bad input)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return USAGE_ERROR
+        return args.func(args) or 0
+    except SystemExit as stop:  # --help
+        return stop.code if isinstance(stop.code, int) else 0
+    except KeyboardInterrupt:
+        print("distattr: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, KeyError, LookupError) as err:
+        if debug:
+            raise
+        print(f"distattr: error: {_one_line(err)}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def _one_line(err: BaseException) -> str:
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    text = " ".join(str(text).split())
+    return text or type(err).__name__
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _input_texts(args) -> list[str]:
+    texts = list(args.input_texts)
+    if args.inputs_file:
+        path = Path(args.inputs_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"inputs file not found: {args.inputs_file}")
+        texts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise UsageError("no input text given (pass TEXT arguments or --inputs-file)")
+    return texts
+
+
+def _check_count(values, n: int, flag: str) -> None:
+    if values is not None and len(values) != n:
+        raise UsageError(f"{flag}: got {len(values)} value(s) for {n} input(s); give one per input")
+
+
+def _device(name: str | None) -> str | None:
+    if name is None:
+        return None
+    import torch
+
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device: {name!r} is not a device (e.g. cpu, cuda, cuda:0, mps)") from None
+    return name
+
+
+def _output_path(path: str | None, flag: str) -> Path | None:
+    if path is None:
+        return None
+    out = Path(path)
+    if out.is_dir():
+        raise UsageError(f"{flag}: {path} is a folder; give a file name")
+    return out
+
+
+def cmd_attribute(args) -> int:
+    from . import methods, steps
+
+    texts = _input_texts(args)
+    _check_count(args.generated_texts, len(texts), "--generated-texts")
+    _check_count(args.contrast_targets, len(texts), "--contrast-targets")
+    method_args = parse_pairs(args.method_arg, "--method-arg")
+    methods.build_args(args.method, method_args)  # unknown method or argument: fail before loading the model
+    attributed_fn_args = parse_pairs(args.attributed_fn_arg, "--attributed-fn-arg")
+    generation_args = parse_pairs(args.generation_arg, "--generation-arg")
+    if args.max_new_tokens is not None:
+        if args.max_new_tokens < 1:
+            raise UsageError("--max-new-tokens must be at least 1")
+        generation_args["max_new_tokens"] = args.max_new_tokens
+    step_scores = list(dict.fromkeys(args.step_scores or []))
+    step_scores_args = parse_step_score_pairs(args.step_score_arg)
+    for name in (args.attributed_fn, *step_scores, *step_scores_args):
+        steps.get_step_function(name)
+    unused = sorted(set(step_scores_args) - set(step_scores))
+    if unused:
+        raise UsageError(f"--step-score-arg given for {', '.join(unused)}, which is not in --step-scores")
+    if args.token_budget < 1 or args.batch_size < 1:
+        raise UsageError("--token-budget and --batch-size must be at least 1")
+    device = _device(args.device)
+    json_path, html_path = _output_path(args.output, "--output"), _output_path(args.html, "--html")
+
+    from .api import load_model
+
+    _status(args, f"Loading {args.model} ...")
+    model = load_model(args.model, args.method, dtype=args.dtype, device=device, method_args=method_args)
+    out = model.attribute(
+        texts, args.generated_texts, generation_args=generation_args, attributed_fn=args.attributed_fn,
+        attributed_fn_args=attributed_fn_args, step_scores=step_scores, step_scores_args=step_scores_args,
+        contrast_targets=args.contrast_targets, attribute_target=args.attribute_target,
+        attr_pos_start=args.attr_pos_start, attr_pos_end=args.attr_pos_end,
+        skip_special_tokens=args.skip_special_tokens, include_eos_baseline=args.include_eos_baseline,
+        token_budget=args.token_budget, batch_size=args.batch_size, show_progress=not args.quiet,
+    )
+    normalize, rescale = not (args.raw or args.rescale), args.rescale
+    if json_path is not None:
+        out.save(json_path)
+        _status(args, f"Saved the result to {json_path}")
+    if html_path is not None:
+        from .viz.html import render_html
+
+        html_path.parent.mkdir(parents=True, exist_ok=True)
+        html_path.write_text(render_html(out, normalize=normalize, rescale=rescale), encoding="utf-8")
+        _status(args, f"Wrote {html_path}")
+    if not args.no_show:
+        out.show(normalize=normalize, rescale=rescale)
+    return 0
+
+
+def _status(args, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr)
+
+
+def _first_line(text: str | None) -> str:
+    """The first sentence of a docstring, without reST markup."""
+    paragraph = " ".join((text or "").strip().split("\n\n")[0].split()).replace("``", "")
+    end = paragraph.find(". ")
+    return paragraph if end < 0 else paragraph[: end + 1]
+
+
+def method_lines() -> list[str]:
+    """One line per attribution method: name, kind, summary, arguments with defaults."""
+    from .methods import METHODS
+
+    rows = []
+    for name in sorted(METHODS):
+        spec = METHODS[name]
+        fields = [f"{f.name}={f.default!r}" for f in dataclasses.fields(spec.args)
+                  if f.default is not dataclasses.MISSING]
+        rows.append((name, spec.kind, spec.summary + (f"  [{', '.join(fields)}]" if fields else "")))
+    return _columns(rows)
+
+
+def step_function_lines() -> list[str]:
+    """One line per step function: name, ``contrastive`` flag, first docstring line."""
+    from .steps import STEP_FUNCTIONS
+
+    rows = []
+    for name in sorted(STEP_FUNCTIONS):
+        spec = STEP_FUNCTIONS[name]
+        rows.append((name, "contrastive" if spec.contrastive else "", _first_line(getattr(spec.fn, "__doc__", ""))))
+    return _columns(rows)
+
+
+def _columns(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)] if rows else []
+    return ["  ".join([*(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)), r[-1]]).rstrip()
+            for r in rows]
+
+
+def cmd_methods(args) -> int:
+    print("\n".join(method_lines()))
+    return 0
+
+
+def cmd_step_functions(args) -> int:
+    print("\n".join(step_function_lines()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
