@@ -10,7 +10,13 @@ import functools
 
 import torch
 
-WORDS = ["the", "a", "an", "of", "in", "on", "at", "to", "is", "was", "and", "or", "but", "not", "with", "for", "from", "by", "as", "it", "he", "she", "they", "we", "you", "i", "cat", "dog", "house", "tower", "city", "paris", "rome", "london", "france", "italy", "located", "built", "big", "small", "red", "blue", "green", "said", "that", "this", "there", "here", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", ",", ".", "!", "?"]
+WORDS = (
+    'the', 'a', 'an', 'of', 'in', 'on', 'at', 'to', 'is', 'was', 'and', 'or', 'but', 'not', 'with', 'for',
+    'from', 'by', 'as', 'it', 'he', 'she', 'they', 'we', 'you', 'i', 'cat', 'dog', 'house', 'tower', 'city',
+    'paris', 'rome', 'london', 'france', 'italy', 'located', 'built', 'big', 'small', 'red', 'blue', 'green',
+    'said', 'that', 'this', 'there', 'here', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight',
+    'nine', 'ten', ',', '.', '!', '?',
+)
 SPECIALS = ("<unk>", "<pad>", "<s>", "</s>")
 UNK, PAD, BOS, EOS = 0, 1, 2, 3
 VOCAB = {tok: i for i, tok in enumerate((*SPECIALS, *WORDS))}
