@@ -15,6 +15,7 @@ decoder embeddings); those tests show the difference instead of parity.
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -38,6 +39,15 @@ REL = 1e-4
 
 
 # ---------------------------------------------------------------- helpers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models are overhead-bound: one intra-op thread is several times faster than two on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def assert_columns_close(ours, theirs, rel: float = REL, atol: float = 1e-9, what: str = "") -> None:
@@ -75,12 +85,13 @@ def raw(x) -> np.ndarray | None:
     return None if x is None else x.float().numpy()
 
 
-def inseq_attribute(model, tok, method: str, texts, generated, load_args: dict | None = None, **kwargs):
-    """Inseq at batch size 1 on the given model objects; returns its ``FeatureAttributionOutput``."""
+def inseq_attribute(model, tok, method: str, texts, generated, load_args: dict | None = None, batch_size: int = 1,
+                    **kwargs):
+    """Inseq (batch size 1 unless told) on the given model objects; returns its ``FeatureAttributionOutput``."""
     im = inseq.load_model(model, method, tokenizer=tok, **(load_args or {}))
     if not model.config.is_encoder_decoder:
         kwargs.pop("attribute_target", None)  # Inseq warns and ignores it for decoder-only models
-    return im.attribute(list(texts) if not isinstance(texts, str) else texts, generated, batch_size=1,
+    return im.attribute(list(texts) if not isinstance(texts, str) else texts, generated, batch_size=batch_size,
                         show_progress=False, **kwargs)
 
 
@@ -332,3 +343,108 @@ def test_contrastive_attribution_matches_inseq(kind, attribute_target):
     with pytest.raises(AssertionError):
         assert_columns_close(plain[0].source_attributions if kind in ENC_DEC else plain[0].target_attributions,
                              ours[0].source_attributions if kind in ENC_DEC else ours[0].target_attributions)
+# ---------------------------------------------------------------- where distattr deliberately differs
+
+
+@pytest.mark.parametrize("kind", ENC_DEC)
+def test_perplexity_is_exp_of_crossentropy(kind):
+    """Ours is ``exp(CE)``; Inseq's is ``2 ** CE`` with CE in nats. Inseq's crossentropy (which its perplexity
+    calls) crashes on a single sequence, so Inseq runs on a batch of two here (encoder-decoder models, where
+    Inseq batches constrained decoding)."""
+    model, tok = tiny_model(kind)
+    names = ["crossentropy", "perplexity", "probability"]
+    ours = ours_attribute(model, tok, "saliency", list(PROMPTS[:2]), step_scores=names)
+    theirs = inseq_attribute(*tiny_model(kind), "saliency", list(PROMPTS[:2]), ours.info["generated_texts"],
+                             step_scores=names, batch_size=2)
+    for s, t in zip(ours, theirs.sequence_attributions, strict=True):
+        ce = t.step_scores["crossentropy"].double().numpy()
+        np.testing.assert_allclose(s.step_scores["crossentropy"], ce, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(s.step_scores["perplexity"], np.exp(ce), rtol=1e-4)
+        np.testing.assert_allclose(t.step_scores["perplexity"].numpy(), 2.0**ce, rtol=1e-4)
+        assert (s.step_scores["perplexity"] > 1.5 * t.step_scores["perplexity"].numpy()).all()  # e^CE vs 2^CE
+
+
+def test_mc_dropout_prob_avg_is_predictive_mean_and_restores_eval():
+    """Ours is the MC-dropout predictive mean ``mean_k p_k(y)`` and leaves the model in eval mode; Inseq returns a
+    z-score of the deterministic probability against the dropout samples and leaves the model in train mode."""
+    model, tok = tiny_model("gpt2")  # GPT-2 has dropout (0.1); the tiny Llama has none
+    generated = ours_attribute(model, tok, "saliency", PROMPT).info["generated_texts"][0]
+    n = 64
+    torch.manual_seed(0)
+    ours = ours_attribute(model, tok, "saliency", PROMPT, generated, step_scores=["mc_dropout_prob_avg", "probability"],
+                          step_scores_args={"mc_dropout_prob_avg": {"n_mcd_steps": n}})
+    assert not any(m.training for m in model.modules())
+    s = ours[0]
+    mc = s.step_scores["mc_dropout_prob_avg"]
+    assert ((mc > 0) & (mc < 1)).all()
+    # an independent Monte Carlo estimate of the same expectation: dropout forwards of the whole sequence
+    positions = range(s.attr_pos_start - 1, s.attr_pos_end - 1)
+    targets = torch.tensor(s.target_ids[s.attr_pos_start : s.attr_pos_end])
+    model.train()
+    torch.manual_seed(1)
+    samples = torch.stack([_step_logits(model, list(s.target_ids), positions, None, tok).softmax(-1)
+                           .gather(-1, targets[:, None])[:, 0] for _ in range(n)]).double()
+    model.eval()
+    mean, se = samples.mean(0).numpy(), (samples.std(0) / math.sqrt(n)).numpy()
+    assert (se > 0).all()  # dropout is active
+    assert (np.abs(mc - mean) <= 5 * math.sqrt(2) * se + 1e-6).all()
+    # and it is not the deterministic probability
+    assert not np.allclose(mc, s.step_scores["probability"], rtol=1e-3)
+
+    model2, tok2 = tiny_model("gpt2")
+    theirs = inseq_attribute(model2, tok2, "saliency", PROMPT, generated, step_scores=["mc_dropout_prob_avg"],
+                             n_mcd_steps=8)
+    assert model2.training  # Inseq leaves dropout on
+    z = theirs.sequence_attributions[0].step_scores["mc_dropout_prob_avg"].numpy()
+    assert not np.allclose(z, mc, rtol=0.1)
+
+
+def test_marian_probability_matches_the_models_own_forward():
+    """In transformers 5 the Marian decoder multiplies given ``decoder_inputs_embeds`` by ``embed_scale`` again, so
+    Inseq (which passes scaled embeddings) double-scales them and its probabilities are wrong. Ours equal the
+    probabilities of the model's own forward from token ids."""
+    model, tok = tiny_model("marian")
+    ours = ours_attribute(model, tok, "saliency", PROMPT, step_scores=["probability"], attribute_target=True)
+    s = ours[0]
+    positions = range(s.attr_pos_start - 1, s.attr_pos_end - 1)
+    targets = torch.tensor(s.target_ids[s.attr_pos_start : s.attr_pos_end])
+    expected = _step_logits(model, list(s.target_ids), positions, PROMPT, tok).softmax(-1).gather(
+        -1, targets[:, None])[:, 0].numpy()
+    np.testing.assert_allclose(s.step_scores["probability"], expected, rtol=1e-4, atol=1e-7)
+    theirs = inseq_attribute(*tiny_model("marian"), "saliency", PROMPT, ours.info["generated_texts"],
+                             step_scores=["probability"], attribute_target=True)
+    p_inseq = theirs.sequence_attributions[0].step_scores["probability"].numpy()
+    assert np.abs(p_inseq - expected).max() > 1e-3
+
+
+def test_marian_gradients_are_wrt_scaled_embeddings():
+    """Our Marian saliency is the gradient of the model's own forward w.r.t. the scaled embeddings (Inseq's
+    convention), although the model is fed ``scaled / scale`` to undo its second scaling."""
+    model, tok = tiny_model("marian")
+    ours = ours_attribute(model, tok, "saliency", PROMPT, attribute_target=True)
+    s = ours[0]
+    scale = model.get_encoder().embed_scale
+    src = tok(PROMPT, return_tensors="pt")["input_ids"]
+    ids = torch.tensor([s.target_ids])
+    emb = model.get_input_embeddings()
+    for col, t in enumerate(range(s.attr_pos_start, s.attr_pos_end)):
+        captured = []
+
+        def keep(module, args, output, captured=captured):
+            output.retain_grad()
+            captured.append(output)
+
+        hook = emb.register_forward_hook(keep)
+        try:
+            logits = model(input_ids=src, decoder_input_ids=ids[:, :t]).logits[0, -1]
+        finally:
+            hook.remove()
+        logits.softmax(-1)[ids[0, t]].backward()
+        # the embedding module's output e enters the model as e * scale: d/d(e * scale) = (d/de) / scale
+        enc_out, dec_out = captured  # encoder runs first
+        src_grad = enc_out.grad[0].abs() / scale
+        tgt_grad = dec_out.grad[0].abs() / scale
+        np.testing.assert_allclose(s.source_attributions[:, col], torch.linalg.vector_norm(src_grad, dim=-1),
+                                   rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(s.target_attributions[:t, col], torch.linalg.vector_norm(tgt_grad, dim=-1),
+                                   rtol=1e-4, atol=1e-7)

@@ -9,10 +9,12 @@ import time
 
 class _Bar:
     def __init__(self, title: str, total: int):
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TextColumn("steps  {task.fields[rate]}"), TimeRemainingColumn(), transient=True)
+                                  TextColumn("steps  {task.fields[rate]}"), TimeRemainingColumn(), transient=True,
+                                  console=Console(file=sys.stderr))
         self._task = self._progress.add_task(title, total=total, rate="")
         self._tokens = 0
         self._started = time.perf_counter()
