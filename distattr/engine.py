@@ -20,7 +20,7 @@ import torch
 
 from . import methods as method_registry
 from .methods.base import Example, MethodOutput, Picks, Request
-from .models.adapters import Adapter, RowInputs
+from .models.adapters import Adapter, RowInputs, dropout_rerun
 from .models.loading import LoadedModel
 from .results import AttributionOutput, SequenceAttribution
 from .steps import Contrast, StepContext, get_step_function
@@ -381,7 +381,7 @@ def score_steps(adapter: Adapter, prepared: Prepared, names: Sequence[str], args
             logits = adapter.forward(rows, scored).logits
             targets = torch.cat([ex.target_ids[ex.start : ex.end] for ex in exs])
             contrast = _contrast_logits(adapter, prepared, batch, exs) if needs_contrast else None
-            rerun = _rerun(adapter, rows, scored)
+            rerun = dropout_rerun(adapter, rows, scored)
             ctx = StepContext(logits=logits, target_ids=targets, contrast=contrast, rerun=rerun)
             sizes = [ex.n_steps for ex in exs]
             for name, fn in fns.items():
@@ -421,17 +421,6 @@ def _with_contrast_logits(adapter: Adapter, prepared: Prepared) -> Prepared:
             examples.append(dataclasses.replace(ex, contrast_target_ids=contrast.target_ids,
                                                 contrast_logits=contrast.logits))
     return dataclasses.replace(prepared, examples=examples)
-
-
-def _rerun(adapter: Adapter, rows: RowInputs, scored: torch.Tensor):
-    def rerun() -> torch.Tensor:
-        adapter.model.train()
-        try:
-            return adapter.forward(rows, scored).logits
-        finally:
-            adapter.model.eval()
-
-    return rerun
 
 
 # ---------------------------------------------------------------- 3. method

@@ -423,6 +423,7 @@ def test_marian_gradients_are_wrt_scaled_embeddings():
     model, tok = tiny_model("marian")
     ours = ours_attribute(model, tok, "saliency", PROMPT, attribute_target=True)
     s = ours[0]
+    model, _ = tiny_model("marian")  # a fresh copy: ours froze the parameters of the first
     scale = model.get_encoder().embed_scale
     src = tok(PROMPT, return_tensors="pt")["input_ids"]
     ids = torch.tensor([s.target_ids])

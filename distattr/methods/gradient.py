@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..models.adapters import RowInputs
+from ..models.adapters import RowInputs, dropout_rerun
 from .base import Example, MethodOutput, Picks, Request, check_differentiable, empty_outputs, reduce_hidden
 from .rows import Piece, Unit, pack, plan_units
 
@@ -220,7 +220,7 @@ def _run_batch(req: Request, path: Path, layer: LayerTarget | None, units: list[
     try:
         with torch.enable_grad():
             logits = adapter.forward(rows, scored).logits
-            rerun = _dropout_rerun(adapter, rows, scored)
+            rerun = dropout_rerun(adapter, rows, scored)
             f = check_differentiable(req.target_fn(logits, Picks.gather(entries), rerun))
             slot = torch.tensor(slot_of, device=f.device)
             n_slots = int(slot.max()) + 1
@@ -244,17 +244,6 @@ def _tgt(ex: Example) -> torch.Tensor:
 
 def _src(ex: Example) -> torch.Tensor:
     return ex.source_ids
-
-
-def _dropout_rerun(adapter, rows: RowInputs, scored: torch.Tensor):
-    def rerun() -> torch.Tensor:
-        adapter.model.train()
-        try:
-            return adapter.forward(rows, scored).logits
-        finally:
-            adapter.model.eval()
-
-    return rerun
 
 
 def _layer_activations(adapter, layer: LayerTarget, inputs: dict, tgt_base, src_base, max_len: int, pad_id: int):

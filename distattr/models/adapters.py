@@ -147,6 +147,20 @@ def _first_device(model: nn.Module) -> torch.device:
 Adapter = DecoderOnlyAdapter | EncoderDecoderAdapter
 
 
+def dropout_rerun(adapter: Adapter, rows: RowInputs, scored: torch.Tensor):
+    """A callable recomputing ``[K, V]`` scored logits of ``rows`` with dropout active (MC dropout); the
+    model is back in eval mode afterwards."""
+
+    def rerun() -> torch.Tensor:
+        adapter.model.train()
+        try:
+            return adapter.forward(rows, scored).logits
+        finally:
+            adapter.model.eval()
+
+    return rerun
+
+
 def wrap_model(model: nn.Module) -> Adapter:
     """Pick the adapter from the model's config."""
     if getattr(model.config, "is_encoder_decoder", False):
