@@ -73,7 +73,11 @@ def test_step_scores_match_their_definitions(tiny):
     np.testing.assert_array_equal(seq.step_scores["top_p_size"], expected.float())
 
 
-def test_register_step_function(tiny):
+def test_register_step_function(tiny, monkeypatch):
+    from distattr import steps
+
+    monkeypatch.setattr(steps, "STEP_FUNCTIONS", dict(steps.STEP_FUNCTIONS))  # keep the registry clean for others
+
     def max_logit(ctx, bias=0.0):
         return ctx.logits.max(-1).values + bias
 

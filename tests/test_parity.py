@@ -9,13 +9,17 @@ Token-level matrices are compared raw: ours are already L2-reduced over the hidd
 Deterministic methods must agree within ``1e-4`` of each column's L1 norm (:func:`assert_columns_close`).
 
 Where Inseq is wrong distattr deliberately differs (``perplexity``, ``mc_dropout_prob_avg``, Marian's
-decoder embeddings); those tests show the difference instead of parity.
+decoder embeddings); those tests show the difference instead of parity. Inseq 0.7.1 bugs met on the way, each
+pinned by a test so that a fixed Inseq shows up: its layer IG / layer DeepLIFT ignore the baseline (all zeros;
+compared with Inseq's algorithm run through Captum instead), its ``crossentropy`` (and so ``perplexity``) crashes
+on a single sequence, and its ``kl_divergence`` is NaN under top-p / top-k filtering.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -65,7 +69,8 @@ def assert_columns_close(ours, theirs, rel: float = REL, atol: float = 1e-9, wha
     tol = rel * np.abs(b).sum(axis=0, keepdims=True) + atol
     bad = np.abs(a - b) > tol
     assert not bad.any(), (
-        f"{what}: {int(bad.sum())} of {a.size} values differ; worst |a-b|/tol = {float((np.abs(a - b) / tol).max()):.3g}"
+        f"{what}: {int(bad.sum())} of {a.size} values differ; worst |a-b|/tol "
+        f"{float((np.abs(a - b) / tol).max()):.3g}"
         f"\nours\n{a}\nInseq\n{b}"
     )
 
@@ -169,6 +174,22 @@ def test_gradient_methods_match_inseq(kind, method, attribute_target):
         np.testing.assert_allclose(d_ours, d_theirs, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ("gpt2", "t5"))
+def test_integrated_gradients_quadrature_matches_inseq(kind):
+    """Another Captum quadrature and ``internal_batch_size`` (``method`` clashes with ``attribute(method=)`` on both
+    sides, hence the argument dicts)."""
+    args = {"n_steps": 5, "method": "riemann_trapezoid", "internal_batch_size": 2, "return_convergence_delta": True}
+    model, tok = tiny_model(kind)
+    dm = distattr.load_model(model, "integrated_gradients", tokenizer=tok)
+    ours = dm.attribute(PROMPT, generation_args={"max_new_tokens": 5}, method_args=args, show_progress=False,
+                        **target_kw(kind))
+    theirs = inseq_attribute(*tiny_model(kind), "integrated_gradients", PROMPT, ours.info["generated_texts"],
+                             attribution_args=args, **target_kw(kind))
+    compare(ours, theirs, what=f"{kind} riemann_trapezoid")
+    np.testing.assert_allclose(ours[0].deltas, theirs.sequence_attributions[0].step_scores["deltas"].numpy(),
+                               rtol=1e-3, atol=1e-5)
+
+
 # ---------------------------------------------------------------- layer methods
 
 
@@ -249,6 +270,8 @@ def test_attention_matches_inseq(kind):
     theirs = inseq_attribute(*tiny_model(kind), "attention", PROMPT, ours.info["generated_texts"], **target_kw(kind))
     # Inseq's raw attention is [tokens, steps, layers, heads], as ours
     compare(ours, theirs, reduce=raw, what=f"{kind} attention")
+
+
 # ---------------------------------------------------------------- step scores and contrastive targets
 
 
@@ -284,15 +307,23 @@ def test_step_scores_match_inseq(kind):
     assert (scores["top_p_size"] >= 1).all() and (scores["top_p_size"] > 1).any()
 
 
-def _step_logits(model, ids: list[int], positions, source: str | None, tok) -> torch.Tensor:
-    """Next-token logits ``[n, V]`` read at ``positions`` of a plain forward from token ids."""
+def _step_logits(model, ids, positions, source=None, tok=None) -> torch.Tensor:
+    """Next-token logits ``[n, V]`` read at ``positions`` of a plain forward from token ids (``source``: the
+    encoder input, as text or ids)."""
     with torch.no_grad():
         if source is None:
-            logits = model(input_ids=torch.tensor([ids])).logits[0]
+            logits = model(input_ids=torch.tensor([list(ids)])).logits[0]
         else:
-            enc = tok(source, return_tensors="pt")
-            logits = model(**enc, decoder_input_ids=torch.tensor([ids])).logits[0]
+            src = tok(source)["input_ids"] if isinstance(source, str) else list(source)
+            logits = model(input_ids=torch.tensor([src]), decoder_input_ids=torch.tensor([list(ids)])).logits[0]
     return logits[list(positions)]
+
+
+def _probabilities(model, ids, start: int, end: int, source=None, tok=None, targets=None) -> np.ndarray:
+    """``p(targets[t] | ids[:t])`` for ``start <= t < end`` from a plain forward (``targets`` defaults to ``ids``)."""
+    targets = list(ids if targets is None else targets)
+    logits = _step_logits(model, ids, range(start - 1, end - 1), source, tok)
+    return logits.double().softmax(-1).gather(-1, torch.tensor(targets[start:end])[:, None])[:, 0].numpy()
 
 
 @pytest.mark.parametrize("kind", ("gpt2", "bart"))
@@ -343,6 +374,36 @@ def test_contrastive_attribution_matches_inseq(kind, attribute_target):
     with pytest.raises(AssertionError):
         assert_columns_close(plain[0].source_attributions if kind in ENC_DEC else plain[0].target_attributions,
                              ours[0].source_attributions if kind in ENC_DEC else ours[0].target_attributions)
+
+
+@pytest.mark.parametrize("kind", TINY)
+def test_contrast_force_inputs(kind):
+    """``contrast_force_inputs``: the contrastive term comes from a forward of the contrastive input, which ours
+    treats as a constant. Inseq does the same for decoder-only models (it runs that forward from ids), so both agree
+    there, and for encoder-decoder models on a contrastive source when only the source is attributed. With the
+    target attributed, Inseq's encoder-decoder contrastive forward reuses the attributed decoder embeddings (the
+    prefix is shared) and differentiates through them too; ours then equals Inseq's attribution of the
+    non-contrastive probability, since the constant contrastive term has no gradient."""
+    model, tok = tiny_model(kind)
+    generated = ours_attribute(model, tok, "saliency", PROMPT).info["generated_texts"][0]
+    contrast = ({"contrast_sources": "the dog is located in the city of"} if kind in ENC_DEC
+                else {"contrast_targets": contrast_for(kind, generated)})
+    kw = {"attributed_fn": "contrast_prob_diff", "contrast_force_inputs": True,
+          "step_scores": ["contrast_prob_diff", "pcxmi", "kl_divergence"], **contrast}
+    ours = ours_attribute(model, tok, "input_x_gradient", PROMPT, generated, **kw)
+    theirs = inseq_attribute(*tiny_model(kind), "input_x_gradient", PROMPT, generated, **kw)
+    compare(ours, theirs, step_scores=kw["step_scores"], what=f"{kind} contrast_force_inputs")
+    assert np.abs(ours[0].step_scores["pcxmi"]).max() > 0.1
+    if kind in ENC_DEC:
+        ours_t = ours_attribute(model, tok, "input_x_gradient", PROMPT, generated, attribute_target=True, **kw)
+        theirs_t = inseq_attribute(*tiny_model(kind), "input_x_gradient", PROMPT, generated, attribute_target=True,
+                                   **kw)
+        with pytest.raises(AssertionError, match="target"):
+            compare(ours_t, theirs_t, what="Inseq differentiates the contrastive forward")
+        plain = inseq_attribute(*tiny_model(kind), "input_x_gradient", PROMPT, generated, attribute_target=True)
+        compare(ours_t, plain, what=f"{kind} fixed contrastive term")
+
+
 # ---------------------------------------------------------------- where distattr deliberately differs
 
 
@@ -427,25 +488,284 @@ def test_marian_gradients_are_wrt_scaled_embeddings():
     scale = model.get_encoder().embed_scale
     src = tok(PROMPT, return_tensors="pt")["input_ids"]
     ids = torch.tensor([s.target_ids])
-    emb = model.get_input_embeddings()
     for col, t in enumerate(range(s.attr_pos_start, s.attr_pos_end)):
-        captured = []
+        captured = {}
 
-        def keep(module, args, output, captured=captured):
-            output.retain_grad()
-            captured.append(output)
+        def keeper(side, captured=captured):
+            def keep(module, args, output):
+                output.retain_grad()
+                captured[side] = output
+            return keep
 
-        hook = emb.register_forward_hook(keep)
+        hooks = [model.get_encoder().embed_tokens.register_forward_hook(keeper("source")),
+                 model.get_decoder().embed_tokens.register_forward_hook(keeper("target"))]
         try:
             logits = model(input_ids=src, decoder_input_ids=ids[:, :t]).logits[0, -1]
         finally:
-            hook.remove()
+            for h in hooks:
+                h.remove()
         logits.softmax(-1)[ids[0, t]].backward()
         # the embedding module's output e enters the model as e * scale: d/d(e * scale) = (d/de) / scale
-        enc_out, dec_out = captured  # encoder runs first
-        src_grad = enc_out.grad[0].abs() / scale
-        tgt_grad = dec_out.grad[0].abs() / scale
+        src_grad = captured["source"].grad[0].abs() / scale
+        tgt_grad = captured["target"].grad[0].abs() / scale
         np.testing.assert_allclose(s.source_attributions[:, col], torch.linalg.vector_norm(src_grad, dim=-1),
                                    rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(s.target_attributions[:t, col], torch.linalg.vector_norm(tgt_grad, dim=-1),
                                    rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------- batching does not change numbers
+
+
+def _assert_same_results(a, b, what: str) -> None:
+    assert len(a) == len(b)
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        assert x.target_ids == y.target_ids and (x.attr_pos_start, x.attr_pos_end) == (y.attr_pos_start, y.attr_pos_end)
+        for side in ("source_attributions", "target_attributions"):
+            u, v = getattr(x, side), getattr(y, side)
+            assert (u is None) == (v is None)
+            if u is not None:
+                assert_columns_close(u, v, what=f"{what} seq {i} {side}")
+        for name, value in y.step_scores.items():
+            np.testing.assert_allclose(x.step_scores[name], value, rtol=1e-4, atol=1e-6, err_msg=f"{what} {name}")
+        if y.deltas is not None:
+            np.testing.assert_allclose(x.deltas, y.deltas, rtol=1e-3, atol=1e-5, err_msg=f"{what} deltas")
+
+
+@pytest.mark.parametrize("kind", TINY)
+@pytest.mark.parametrize("method", ("integrated_gradients", "deeplift", "attention"))
+def test_batched_equals_unbatched(kind, method):
+    """Three prompts of different lengths in one call == one call each (same generated texts); for the
+    shared-forward gradient kernel also one step per row, a row per example, and a token budget that splits the
+    path points of a step over several batches."""
+    args = {"n_steps": 6} if method == "integrated_gradients" else {}
+    model, tok = tiny_model(kind)
+    dm = distattr.load_model(model, method, tokenizer=tok)
+    kw = {"step_scores": ["probability"], "show_progress": False, **target_kw(kind), **args}
+    generated = dm.attribute(list(PROMPTS), generation_args={"max_new_tokens": 5}, **kw).info["generated_texts"]
+    generated[1] = " ".join(generated[1].split()[:-2])  # ragged targets too (encoder-decoder ones end alike)
+    batched = dm.attribute(list(PROMPTS), generated, **kw)
+    assert len({len(s.target_ids) for s in batched}) > 1 and len({len(s.source_ids) for s in batched}) == 3
+    one_by_one = [dm.attribute(p, g, **kw)[0] for p, g in zip(PROMPTS, generated, strict=True)]
+    _assert_same_results(one_by_one, batched, f"{kind} {method} one by one")
+    if method == "integrated_gradients":
+        for variant in ({"steps_per_row": 1}, {"steps_per_row": 64}, {"token_budget": 40}):
+            other = dm.attribute(list(PROMPTS), generated, **kw, **variant)
+            _assert_same_results(other, batched, f"{kind} {method} {variant}")
+
+
+@pytest.mark.parametrize("kind", TINY)
+def test_contrastive_batched_equals_unbatched(kind):
+    """Contrastive step scores and attribution (with and without ``contrast_force_inputs``) on ragged batches."""
+    model, tok = tiny_model(kind)
+    dm = distattr.load_model(model, "input_x_gradient", tokenizer=tok)
+    generated = dm.attribute(list(PROMPTS), generation_args={"max_new_tokens": 5},
+                             show_progress=False).info["generated_texts"]
+    generated[1] = " ".join(generated[1].split()[:-2])
+    n_prompt = [0 if kind in ENC_DEC else len(p.split()) for p in PROMPTS]
+    contrasts = [" ".join(g.split()[:n] + ["rome"] * (len(g.split()) - n)) for g, n in zip(generated, n_prompt,
+                                                                                          strict=True)]
+    for force in (False, True):
+        kw = {"attributed_fn": "contrast_prob_diff", "contrast_force_inputs": force, "show_progress": False,
+              "step_scores": ["contrast_prob_diff", "pcxmi", "kl_divergence", "in_context_pvi"], **target_kw(kind)}
+        batched = dm.attribute(list(PROMPTS), generated, contrast_targets=contrasts, **kw)
+        one_by_one = [dm.attribute(p, g, contrast_targets=c, **kw)[0]
+                      for p, g, c in zip(PROMPTS, generated, contrasts, strict=True)]
+        _assert_same_results(one_by_one, batched, f"{kind} contrastive force={force}")
+
+
+def test_gradient_shap_samples_split_over_batches():
+    """A token budget smaller than a step's samples splits them over batches (this used to fail on a shape error).
+    Without input noise the same alphas are drawn in the same order, so the numbers are those of one batch."""
+    model, tok = tiny_model("gpt2")
+    dm = distattr.load_model(model, "gradient_shap", tokenizer=tok)
+    kw = {"n_samples": 7, "seed": 3, "show_progress": False, "step_scores": ["probability"]}
+    generated = dm.attribute(list(PROMPTS), generation_args={"max_new_tokens": 4}, **kw).info["generated_texts"]
+    whole = dm.attribute(list(PROMPTS), generated, **kw)
+    split = dm.attribute(list(PROMPTS), generated, token_budget=40, **kw)
+    _assert_same_results(split, whole, "gradient_shap split samples")
+
+
+# ---------------------------------------------------------------- integrated gradients completeness
+
+
+def _baseline(ids, tok, keep_first: bool) -> list[int]:
+    """Inseq's baseline ids: UNK everywhere but EOS (and the decoder-start token of encoder-decoder targets)."""
+    out = [i if i == tok.eos_token_id else tok.unk_token_id for i in ids]
+    if keep_first:
+        out[0] = ids[0]
+    return out
+
+
+def _token_totals(s) -> np.ndarray:
+    parts = [x for x in (s.source_attributions, s.target_attributions) if x is not None]
+    return sum(np.nansum(p.astype(np.float64), axis=0) for p in parts)
+
+
+@pytest.mark.parametrize("kind", ("gpt2", "llama", "bart"))
+def test_integrated_gradients_completeness(kind):
+    """With ``hidden_reduction="sum"`` the token attributions of a step add up to ``f(x) - f(baseline)`` (f: the
+    probability of the step's token) as ``n_steps`` grows; the returned deltas are exactly that gap."""
+    model, tok = tiny_model(kind)
+    generated = ours_attribute(model, tok, "saliency", PROMPT).info["generated_texts"]
+    fresh, _ = tiny_model(kind)
+    gaps = {}
+    for n_steps in (2, 64):
+        out = ours_attribute(model, tok, "integrated_gradients", PROMPT, generated, n_steps=n_steps,
+                             hidden_reduction="sum", **target_kw(kind))
+        s = out[0]
+        source = list(s.source_ids) if kind in ENC_DEC else None
+        ids = list(s.target_ids)
+        f_x = _probabilities(fresh, ids, s.attr_pos_start, s.attr_pos_end, source, tok)
+        base_ids = _baseline(ids, tok, keep_first=kind in ENC_DEC)
+        base_src = _baseline(source, tok, keep_first=False) if source is not None else None
+        # f(baseline): the probability of the real token after the baseline prefix
+        f_b = _probabilities(fresh, base_ids, s.attr_pos_start, s.attr_pos_end, base_src, tok, targets=ids)
+        gap = _token_totals(s) - (f_x - f_b)
+        np.testing.assert_allclose(s.deltas, gap, rtol=1e-3, atol=2e-6)  # deltas are the completeness gap
+        gaps[n_steps] = np.abs(gap)
+    assert np.abs(f_x - f_b).min() > 1e-3  # a non-trivial difference to explain
+    assert gaps[64].max() < 1e-3
+    assert gaps[64].max() < 0.05 * gaps[2].max()
+
+
+# ---------------------------------------------------------------- GradientSHAP: same distribution
+
+
+def _sum_matrix(seq_like) -> np.ndarray:
+    """Source and target rows of one sequence stacked: ``[tokens, steps]``."""
+    return np.concatenate([np.asarray(x, dtype=np.float64) for x in seq_like if x is not None])
+
+
+def _z_scores(mean: np.ndarray, se: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Standardised differences where the estimate varies; exact agreement required where it does not (tokens
+    equal to their baseline have zero attribution in every sample)."""
+    known = ~np.isnan(reference)
+    assert (np.isnan(mean) == ~known).all()
+    fixed = known & (se == 0)
+    assert np.abs(mean[fixed] - reference[fixed]).max(initial=0.0) < 1e-6
+    varies = known & (se > 0)
+    return (mean[varies] - reference[varies]) / se[varies]
+
+
+def _gradient_shap_samples(kind: str, generated, seeds: range, n_samples: int, stdevs: float):
+    """Per-seed GradientSHAP matrices (hidden size summed: the estimator is linear in it), ours and Inseq's."""
+    model, tok = tiny_model(kind)
+    dm = distattr.load_model(model, "gradient_shap", tokenizer=tok)
+    ours = np.stack([_sum_matrix((s.source_attributions, s.target_attributions)) for s in (
+        dm.attribute(PROMPT, generated, n_samples=n_samples, stdevs=stdevs, seed=k, hidden_reduction="sum",
+                     show_progress=False, **target_kw(kind))[0] for k in seeds)])
+    model2, tok2 = tiny_model(kind)
+    im = inseq.load_model(model2, "gradient_shap", tokenizer=tok2)
+    state = np.random.get_state()  # Captum draws GradientSHAP's alphas from numpy, its noise from torch
+    theirs = []
+    try:
+        for k in seeds:
+            np.random.seed(k)
+            torch.manual_seed(k)
+            t = im.attribute(PROMPT, generated, n_samples=n_samples, stdevs=stdevs, batch_size=1, show_progress=False,
+                             **target_kw(kind)).sequence_attributions[0]
+            theirs.append(_sum_matrix((hsum(t.source_attributions), hsum(t.target_attributions))))
+    finally:
+        np.random.set_state(state)
+    return ours, np.stack(theirs)
+
+
+def _mean_se(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return samples.mean(0), samples.std(0, ddof=1) / math.sqrt(len(samples))
+
+
+CHI2_MAX, Z_MAX = 3.0, 6.0  # mean squared z-score (about 1 when unbiased) and largest |z|
+
+
+@pytest.mark.parametrize("kind", ("gpt2", "bart"))
+def test_gradient_shap_expectation_is_integrated_gradients(kind):
+    """Without input noise GradientSHAP is an unbiased Monte Carlo estimate of integrated gradients
+    (``E_a[(x - b) * grad f(b + a (x - b))]``, ``a ~ U(0, 1)``). Ours and Inseq's, averaged over 32 seeds of 64
+    samples, must both sit within sampling error of IG with 64 Gauss-Legendre steps; and the same statistic must
+    reject a reference 10% off, so that the check has power."""
+    model, tok = tiny_model(kind)
+    generated = ours_attribute(model, tok, "saliency", PROMPT).info["generated_texts"]
+    ig_out = ours_attribute(model, tok, "integrated_gradients", PROMPT, generated, n_steps=64, hidden_reduction="sum",
+                            **target_kw(kind))[0]
+    assert np.abs(ig_out.deltas).max() < 1e-4
+    ig = _sum_matrix((ig_out.source_attributions, ig_out.target_attributions))
+    ours, theirs = _gradient_shap_samples(kind, generated, range(32), 64, 0.0)
+    for name, samples in (("ours", ours), ("Inseq", theirs)):
+        mean, se = _mean_se(samples)
+        z = _z_scores(mean, se, ig)
+        assert np.mean(z**2) < CHI2_MAX and np.abs(z).max() < Z_MAX, (name, np.mean(z**2), np.abs(z).max())
+        assert np.mean(_z_scores(mean, se, 0.9 * ig) ** 2) > 2 * CHI2_MAX, name  # power: a 10% error is caught
+
+
+def test_gradient_shap_with_noise_matches_inseq_in_distribution():
+    """With Gaussian input noise there is no closed form: a two-sample test of ours against Inseq, which must also
+    tell both apart from noise-free IG (the noise is really applied)."""
+    kind = "gpt2"
+    model, tok = tiny_model(kind)
+    generated = ours_attribute(model, tok, "saliency", PROMPT).info["generated_texts"]
+    ours, theirs = _gradient_shap_samples(kind, generated, range(32), 64, 0.1)
+    (m_o, se_o), (m_t, se_t) = _mean_se(ours), _mean_se(theirs)
+    z = _z_scores(m_o, np.sqrt(se_o**2 + se_t**2), m_t)
+    assert np.mean(z**2) < CHI2_MAX and np.abs(z).max() < Z_MAX, (np.mean(z**2), np.abs(z).max())
+    ig_out = ours_attribute(model, tok, "integrated_gradients", PROMPT, generated, n_steps=64,
+                            hidden_reduction="sum")[0]
+    ig = _sum_matrix((ig_out.source_attributions, ig_out.target_attributions))
+    assert np.mean(_z_scores(m_o, se_o, ig) ** 2) > 10 * CHI2_MAX
+
+
+# ---------------------------------------------------------------- the embedded SmolLM2-135M (a real Llama)
+
+
+SMOL_PROMPT = "The capital of France is"
+SMOL_LAYER = "model.layers.0.mlp"
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    """The embedded model, eager attention (Inseq's setting), loaded once; its greedy continuation. Both sides
+    attribute the continuation as a constrained text: Inseq re-tokenizes generated texts, which can merge tokens
+    (e.g. two newlines)."""
+    dm = distattr.load_model("smollm2-135m", "saliency", model_kwargs={"attn_implementation": "eager"})
+    generated = dm.attribute(SMOL_PROMPT, generation_args={"max_new_tokens": 5}, show_progress=False)
+    return dm, generated.info["generated_texts"][0]
+
+
+SMOL_CASES = {
+    "saliency": ({}, ["probability", "entropy", "logit"]),
+    "integrated_gradients": ({"n_steps": 4, "return_convergence_delta": True}, ["probability"]),
+    "deeplift": ({}, []),
+    "layer_gradient_x_activation": ({"target_layer": SMOL_LAYER}, []),
+    "attention": ({}, []),  # Inseq refuses step scores with final-step methods
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(SMOL_CASES))
+def test_smollm2_matches_inseq(smollm, method):
+    dm, generated = smollm
+    args, scores = dict(SMOL_CASES[method][0]), SMOL_CASES[method][1]
+    ours = dm.attribute(SMOL_PROMPT, generated, method=method, step_scores=scores, show_progress=False, **args)
+    load_args = {"target_layer": dm.model.get_submodule(args.pop("target_layer"))} if "target_layer" in args else {}
+    theirs = inseq_attribute(dm.model, dm.tokenizer, method, SMOL_PROMPT, generated, load_args=load_args,
+                             step_scores=scores, **args)
+    compare(ours, theirs, reduce=raw if method == "attention" else vnorm, step_scores=scores, what=f"smollm2 {method}")
+    if method == "integrated_gradients":
+        np.testing.assert_allclose(ours[0].deltas, theirs.sequence_attributions[0].step_scores["deltas"].numpy(),
+                                   rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_smollm2_contrastive_matches_inseq(smollm):
+    dm, generated = smollm
+    contrast = generated.replace("Paris", "Rome")
+    n_tokens = len(dm.tokenizer(generated)["input_ids"])
+    assert contrast != generated and len(dm.tokenizer(contrast)["input_ids"]) == n_tokens
+    kw = {"attributed_fn": "contrast_prob_diff", "step_scores": ["contrast_prob_diff", "pcxmi"],
+          "contrast_targets": contrast}
+    ours = dm.attribute(SMOL_PROMPT, generated, method="input_x_gradient", show_progress=False, **kw)
+    theirs = inseq_attribute(dm.model, dm.tokenizer, "input_x_gradient", SMOL_PROMPT, generated, **kw)
+    compare(ours, theirs, step_scores=kw["step_scores"], what="smollm2 contrastive")
+    assert np.abs(ours[0].step_scores["pcxmi"]).max() > 0.1

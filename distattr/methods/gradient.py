@@ -149,7 +149,10 @@ def _run_batch(req: Request, path: Path, layer: LayerTarget | None, units: list[
     for piece in batch:
         alphas, weights = _alphas(path, len(piece.points), device)
         if not path.random_alphas:
-            alphas, weights = alphas[list(piece.points)], weights[list(piece.points)]
+            alphas = alphas[list(piece.points)]
+        # Fix: the weights of random paths (GradientSHAP) were not sliced, so a unit whose samples the token
+        # budget splits over several batches got n_samples weights for fewer rows (a shape error).
+        weights = weights[list(piece.points)]
         row_unit += [piece.unit] * len(piece.points)
         row_alpha.append(alphas)
         row_weight.append(weights)
