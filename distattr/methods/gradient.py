@@ -137,138 +137,129 @@ def _pad_stack(rows: list[torch.Tensor], length: int) -> torch.Tensor:
     return out
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """The rows of one batch, each one path point of one unit.
+
+    ``unit[r]`` is the unit of row ``r`` and ``local[r]`` its index in ``units`` (the batch's distinct
+    units, sorted); ``alpha`` and ``weight`` are ``[R]``.
+    """
+
+    unit: list[int]
+    local: torch.Tensor
+    units: list[int]
+    alpha: torch.Tensor
+    weight: torch.Tensor
+
+
+def _expand(batch: list[Piece], path: Path, device) -> _Rows:
+    unit, alphas, weights = [], [], []
+    for piece in batch:
+        a, w = _alphas(path, len(piece.points), device)
+        index = list(piece.points)
+        alphas.append(a if path.random_alphas else a[index])
+        weights.append(w[index])  # sliced for random paths too: a unit's samples may span batches
+        unit += [piece.unit] * len(piece.points)
+    units = sorted(set(unit))
+    position = {u: i for i, u in enumerate(units)}
+    local = torch.tensor([position[u] for u in unit], device=device)
+    return _Rows(unit=unit, local=local, units=units, alpha=torch.cat(alphas), weight=torch.cat(weights))
+
+
+def _unit_ids(req: Request, units: list[Unit], rows: _Rows, side: str):
+    """Right-padded ``[U, L]`` ids and baseline ids of the batch's units on ``side``, and their lengths."""
+    examples = [req.examples[units[u].example] for u in rows.units]
+    if side == "target":
+        ids = [ex.target_ids[: units[u].length] for ex, u in zip(examples, rows.units, strict=True)]
+        base = [ex.target_baseline[: units[u].length] for ex, u in zip(examples, rows.units, strict=True)]
+    else:
+        ids, base = [ex.source_ids for ex in examples], [ex.source_baseline for ex in examples]
+    width = max(len(i) for i in ids)
+    return _pad_stack(ids, width), _pad_stack(base, width), [len(i) for i in ids]
+
+
 def _run_batch(req: Request, path: Path, layer: LayerTarget | None, units: list[Unit], batch: list[Piece],
                accumulators: dict[int, _Accumulator], outputs: list, sums: list[torch.Tensor]) -> None:
-    adapter, examples = req.adapter, req.examples
-    enc_dec = adapter.is_encoder_decoder
+    """One forward over the batch's rows, then one backward per step slot; results go to the units."""
+    adapter = req.adapter
     device = adapter.embedding.weight.device
-    attribute_target = req.attribute_target or not enc_dec
-
-    # ---- build rows: one per (piece, point) ----
-    row_unit, row_weight, row_alpha = [], [], []
-    for piece in batch:
-        alphas, weights = _alphas(path, len(piece.points), device)
-        if not path.random_alphas:
-            alphas = alphas[list(piece.points)]
-        # Fix: the weights of random paths (GradientSHAP) were not sliced, so a unit whose samples the token
-        # budget splits over several batches got n_samples weights for fewer rows (a shape error).
-        weights = weights[list(piece.points)]
-        row_unit += [piece.unit] * len(piece.points)
-        row_alpha.append(alphas)
-        row_weight.append(weights)
-    alpha = torch.cat(row_alpha)
-    weight = torch.cat(row_weight)
-    n_rows = len(row_unit)
-    lengths = [units[u].length for u in row_unit]
-    max_len = max(lengths)
-
-    def side_tensors(ids_of, base_of):
-        x = [ids_of(examples[units[u].example])[: (units[u].length if ids_of is _tgt else None)] for u in row_unit]
-        b = [base_of(examples[units[u].example])[: len(xi)] for u, xi in zip(row_unit, x, strict=True)]
-        return x, b
-
-    tgt_ids, tgt_base = side_tensors(_tgt, lambda e: e.target_baseline)
-    inputs, leaves, multipliers = {}, {}, {}
-    if enc_dec:
-        src_ids, src_base = side_tensors(_src, lambda e: e.source_baseline)
-        src_len = max(len(s) for s in src_ids)
-        mask = torch.zeros(n_rows, src_len, dtype=torch.long, device=device)
-        for i, s in enumerate(src_ids):
-            mask[i, : len(s)] = 1
-        inputs["source_mask"] = mask
-
-    hooks = []
+    rows = _expand(batch, path, device)
+    sides = ["target", "source"] if adapter.is_encoder_decoder else ["target"]
+    ids = {side: _unit_ids(req, units, rows, side) for side in sides}  # per unit, expanded to rows below
+    inputs, leaves, multipliers, hooks = {}, {}, {}, []
+    if adapter.is_encoder_decoder:
+        width = ids["source"][0].shape[1]
+        lengths = torch.tensor(ids["source"][2], device=device)
+        inputs["source_mask"] = (torch.arange(width, device=device)[None] < lengths[:, None]).long()[rows.local]
     if layer is None:
-        sides = [("target", tgt_ids, tgt_base, attribute_target)]
-        if enc_dec:
-            sides.append(("source", src_ids, src_base, True))
-        for side, ids, base, attributed in sides:
-            pad_to = max_len if side == "target" else src_len
-            x = _pad_stack([adapter.embed(i, side) for i in ids], pad_to)
-            if not attributed:
+        attributed = {"target": req.attribute_target or not adapter.is_encoder_decoder, "source": True}
+        for side in sides:
+            x = adapter.embed(ids[side][0], side)[rows.local]
+            if not attributed[side]:
                 inputs[f"{side}_embeds"] = x
                 continue
-            b = _pad_stack([adapter.embed(i, side) for i in base], pad_to)
-            noise = None
+            b = adapter.embed(ids[side][1], side)[rows.local]
             if path.noise_std > 0:
-                noise = torch.randn(x.shape, generator=path.generator).to(x) * path.noise_std
-                x = x + noise
-            z = (b + alpha.view(-1, 1, 1).to(x.dtype) * (x - b)).detach().requires_grad_(True)
-            inputs[f"{side}_embeds"] = z
-            leaves[side] = z
+                x = x + torch.randn(x.shape, generator=path.generator).to(x) * path.noise_std
+            z = (b + rows.alpha.view(-1, 1, 1).to(x.dtype) * (x - b)).detach().requires_grad_(True)
+            inputs[f"{side}_embeds"] = leaves[side] = z
             multipliers[side] = {"none": None, "input": x, "delta": x - b}[path.multiply]
     else:
-        pad_id = 0
-        inputs["target_ids"] = _pad_stack(tgt_ids, max_len) if tgt_ids else None
-        if enc_dec:
-            inputs["source_ids"] = _pad_stack(src_ids, src_len)
+        for side in sides:
+            inputs[f"{side}_ids"] = ids[side][0][rows.local]
+        acts = None
         if layer.interpolate:
-            acts_x, acts_b = _layer_activations(adapter, layer, inputs, tgt_base, src_base if enc_dec else None,
-                                                max_len, pad_id)
+            baseline_inputs = {**inputs, **{f"{side}_ids": ids[side][1][rows.local] for side in sides}}
+            acts = _layer_activations(adapter, layer.modules[0], inputs, baseline_inputs)
         for i, (module, side) in enumerate(zip(layer.modules, layer.sides, strict=True)):
-            hooks.append(module.register_forward_hook(
-                _layer_hook(layer, i, side, leaves, multipliers, alpha, path,
-                            (acts_x, acts_b) if layer.interpolate else None)))
+            hook = _layer_hook(i, side, leaves, multipliers, rows.alpha, path, acts)
+            hooks.append(module.register_forward_hook(hook))
 
-    # ---- forward once, scoring every step of every row ----
-    scored = torch.zeros(n_rows, max_len, dtype=torch.bool, device=device)
+    scored = torch.zeros(len(rows.unit), max(units[u].length for u in rows.units), dtype=torch.bool, device=device)
     slot_of, entries = [], []
-    for r, u in enumerate(row_unit):
-        ex = examples[units[u].example]
+    for r, u in enumerate(rows.unit):
+        ex = req.examples[units[u].example]
         for k, t in enumerate(units[u].steps):
             scored[r, t - 1] = True
             slot_of.append(k)
             entries.append((ex, t))
-    rows = RowInputs(**inputs)
+    model_rows = RowInputs(**inputs)
     try:
         with torch.enable_grad():
-            logits = adapter.forward(rows, scored).logits
-            rerun = dropout_rerun(adapter, rows, scored)
+            logits = adapter.forward(model_rows, scored).logits
+            rerun = dropout_rerun(adapter, model_rows, scored)
             f = check_differentiable(req.target_fn(logits, Picks.gather(entries), rerun))
             slot = torch.tensor(slot_of, device=f.device)
             n_slots = int(slot.max()) + 1
             names = list(leaves)
-            for k in range(n_slots):
+            for k in range(n_slots):  # one vector-Jacobian product per step slot, all rows at once
                 grads = torch.autograd.grad(f[slot == k].sum(), [leaves[n] for n in names],
                                             retain_graph=k < n_slots - 1, allow_unused=True)
-                _accumulate(req, path, layer, units, batch, row_unit, weight, k,
-                            dict(zip(names, grads, strict=True)), multipliers, accumulators, outputs, sums)
+                _accumulate(req, path, layer, units, batch, rows, k, dict(zip(names, grads, strict=True)),
+                            multipliers, accumulators, outputs, sums)
     finally:
         for h in hooks:
             h.remove()
-    for u in {p.unit for p in batch}:
+    for u in rows.units:
         if accumulators[u].remaining == 0:
             del accumulators[u]
 
 
-def _tgt(ex: Example) -> torch.Tensor:
-    return ex.target_ids
-
-
-def _src(ex: Example) -> torch.Tensor:
-    return ex.source_ids
-
-
-def _layer_activations(adapter, layer: LayerTarget, inputs: dict, tgt_base, src_base, max_len: int, pad_id: int):
-    """Outputs of the (single) layer for the input rows and for the baseline rows, without gradients."""
-    module = layer.modules[0]
+def _layer_activations(adapter, module: nn.Module, inputs: dict, baseline_inputs: dict):
+    """Outputs of ``module`` for the input rows and for the baseline rows, without gradients."""
     captured = []
     hook = module.register_forward_hook(lambda m, i, o: captured.append(_first(o).detach()))
     try:
         with torch.no_grad():
             scored = torch.zeros(inputs["target_ids"].shape, dtype=torch.bool, device=inputs["target_ids"].device)
             adapter.forward(RowInputs(**inputs), scored)
-            base = dict(inputs, target_ids=_pad_stack(tgt_base, max_len))
-            if src_base is not None:
-                base["source_ids"] = _pad_stack(src_base, inputs["source_ids"].shape[1])
-            adapter.forward(RowInputs(**base), scored)
+            adapter.forward(RowInputs(**baseline_inputs), scored)
     finally:
         hook.remove()
     return captured[0], captured[1]
 
 
-def _layer_hook(layer: LayerTarget, index: int, side: str, leaves: dict, multipliers: dict, alpha, path: Path,
-                acts):
+def _layer_hook(index: int, side: str, leaves: dict, multipliers: dict, alpha: torch.Tensor, path: Path, acts):
     key = f"{side}:{index}"
 
     def hook(module, args, output):
@@ -281,19 +272,18 @@ def _layer_hook(layer: LayerTarget, index: int, side: str, leaves: dict, multipl
             return _replace_first(output, z)
         z = torch.zeros_like(h, requires_grad=True)  # d f / d z == d f / d h along every path
         leaves[key] = z
-        multipliers[key] = {"none": None, "input": h.detach(), "delta": h.detach()}[path.multiply]
+        multipliers[key] = None if path.multiply == "none" else h.detach()
         return _replace_first(output, h + z)
 
     return hook
 
 
 def _accumulate(req: Request, path: Path, layer: LayerTarget | None, units: list[Unit], batch: list[Piece],
-                row_unit: list[int], weight: torch.Tensor, slot: int, grads: dict, multipliers: dict,
-                accumulators: dict[int, _Accumulator], outputs: list, sums: list[torch.Tensor]) -> None:
+                rows: _Rows, slot: int, grads: dict, multipliers: dict, accumulators: dict[int, _Accumulator],
+                outputs: list, sums: list[torch.Tensor]) -> None:
     """Fold the gradients of step ``slot`` of every row into its unit; finish units whose points all ran."""
-    batch_units = sorted(set(row_unit))
+    batch_units = rows.units
     local = {u: i for i, u in enumerate(batch_units)}
-    group = torch.tensor([local[u] for u in row_unit])
     points_in_batch = {u: 0 for u in batch_units}
     for piece in batch:
         points_in_batch[piece.unit] += len(piece.points)
@@ -308,9 +298,9 @@ def _accumulate(req: Request, path: Path, layer: LayerTarget | None, units: list
         side = key.split(":")[0]
         # accumulate in float32 whatever the model dtype: IG sums many small terms
         contrib = grad.float() if multipliers[key] is None else grad.float() * multipliers[key].float()
-        contrib = contrib * weight.view(-1, *[1] * (contrib.dim() - 1)).to(contrib)
-        summed = contrib.new_zeros((len(batch_units), *contrib.shape[1:])).index_add_(0, group.to(contrib.device),
-                                                                                       contrib)
+        contrib = contrib * rows.weight.view(-1, *[1] * (contrib.dim() - 1)).to(contrib)
+        summed = contrib.new_zeros((len(batch_units), *contrib.shape[1:]))
+        summed.index_add_(0, rows.local.to(contrib.device), contrib)
         layer_index = int(key.split(":")[1]) if ":" in key else 0
         for u in batch_units:
             if slot >= len(units[u].steps):
