@@ -18,8 +18,11 @@ from dataclasses import dataclass
 
 from .base import Example
 
-# Backward cost of a row relative to its forward, parameters frozen (only input gradients flow).
-BACKWARD_TO_FORWARD = 1.0
+# Backward cost of a row relative to its forward, parameters frozen (only input gradients flow). Measured
+# on SmolLM2-135M on a 2-core CPU (32 steps after a 21-token prompt): saliency took 6.3 s with one step per
+# row, 3.7 s with 4, 4.0 s with 8, 4.7 s with 16 and 6.2 s with all 32; integrated gradients (50 points)
+# 196 s, 141 s, 129 s and 148 s with 1, 4, 8 and 16. A ratio of 2 puts the model's optimum at 4-8.
+BACKWARD_TO_FORWARD = 2.0
 
 
 @dataclass(frozen=True)
