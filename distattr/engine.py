@@ -312,6 +312,11 @@ def _contrast_for(loaded: LoadedModel, i: int, target_ids: list[int], source_ids
     else:
         c_ids = list(target_ids)
     c_src = _encode(tokenizer, cfg.contrast_sources[i], add_special) if cfg.contrast_sources is not None else source_ids
+    if pairs:
+        for o, c in pairs:
+            if not (0 <= o < len(target_ids) and 0 <= c < len(c_ids)):
+                raise ValueError(f"Alignment pair ({o}, {c}) is out of range for target of {len(target_ids)} and "
+                                 f"contrast of {len(c_ids)} tokens")
     positions = []
     for t in range(start, end):
         a = _aligned(t, pairs)
@@ -321,11 +326,6 @@ def _contrast_for(loaded: LoadedModel, i: int, target_ids: list[int], source_ids
                 f"(aligned index {a}). Give contrast_targets_alignments or a longer contrast."
             )
         positions.append(a)
-    if pairs:
-        for o, c in pairs:
-            if not (0 <= o < len(target_ids) and 0 <= c < len(c_ids)):
-                raise ValueError(f"Alignment pair ({o}, {c}) is out of range for target of {len(target_ids)} and "
-                                 f"contrast of {len(c_ids)} tokens")
     pos = torch.tensor(positions, dtype=torch.long, device=device)
     c = torch.tensor(c_ids, dtype=torch.long, device=device)
     return {"ids": c, "source_ids": torch.tensor(c_src, dtype=torch.long, device=device), "positions": pos,
@@ -401,12 +401,13 @@ def _contrast_logits(adapter: Adapter, prepared: Prepared, batch: list[int], exs
     spec = [(info["ids"][: int(info["positions"].max())], info["source_ids"], info["positions"] - 1) for info in infos]
     rows, scored = _full_forward(adapter, spec)
     logits = adapter.forward(rows, scored).logits
-    # flattened logits follow position order within each row; re-order to step order
+    # flattened logits follow the (distinct, ascending) scored positions of each row; map steps onto them
+    # (several steps may align to the same contrast position)
     order, offset = [], 0
     for info in infos:
-        ranks = info["positions"].argsort().argsort()
-        order.append(offset + ranks)
-        offset += len(info["positions"])
+        distinct = info["positions"].unique(sorted=True)
+        order.append(offset + torch.searchsorted(distinct, info["positions"]))
+        offset += len(distinct)
     logits = logits[torch.cat(order)]
     return Contrast(logits, torch.cat([info["step_targets"] for info in infos]))
 

@@ -185,3 +185,20 @@ def test_integrated_gradients_quadrature_through_method_args(tiny):
     assert not np.allclose(out[0].target_attributions[:8], legendre[0].target_attributions[:8])
     with pytest.raises(ValueError, match="Unknown integration method"):
         m.attribute(PROMPT, GEN, method_args={"method": "simpson"}, show_progress=False)
+
+
+def test_contrast_alignment_pairs_with_repeated_and_shifted_positions(tiny):
+    m = tiny("gpt2")
+    # target: prompt(8) + "paris , france"; contrast: a longer text whose tokens 9 and 10 line up with steps 9, 10
+    contrast = PROMPT + " rome rome , italy"
+    pairs = [(8, 8), (9, 10), (10, 10)]  # steps 9 and 10 both aligned to contrast position 10
+    out = m.attribute(PROMPT, GEN, step_scores=["contrast_prob"], contrast_targets=[contrast],
+                      contrast_targets_alignments=pairs, show_progress=False)
+    cids = m.tokenizer(contrast, return_tensors="pt").input_ids
+    with torch.no_grad():
+        probs = m.model(cids).logits[0].softmax(-1)
+    expected = [probs[7, cids[0, 8]], probs[9, cids[0, 10]], probs[9, cids[0, 10]]]
+    np.testing.assert_allclose(out[0].step_scores["contrast_prob"], expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="out of range"):
+        m.attribute(PROMPT, GEN, step_scores=["contrast_prob"], contrast_targets=[contrast],
+                    contrast_targets_alignments=[(8, 40)], show_progress=False)
