@@ -136,11 +136,19 @@ def _inseq_runner(args: argparse.Namespace, method_args: dict):
     batch_size = None if args.inseq_batch_size == 0 else args.inseq_batch_size
     rss = _maxrss_mib()
 
+    def attribute(texts: list[str], gen_args: dict):
+        return attr_model.attribute(texts, generation_args=dict(gen_args), step_scores=[], show_progress=False,
+                                    batch_size=batch_size, **method_args).sequence_attributions
+
     def run(texts: list[str], gen_args: dict) -> list[dict]:
-        out = attr_model.attribute(texts, generation_args=dict(gen_args), step_scores=[], show_progress=False,
-                                   batch_size=batch_size, **method_args)
+        if batch_size == 1:
+            # One call per prompt: Inseq generates all inputs of a call as one left-padded batch without an
+            # attention mask, which derails generation for the shorter prompts.
+            sequences = [seq for text in texts for seq in attribute([text], gen_args)]
+        else:
+            sequences = attribute(texts, gen_args)
         result = []
-        for seq in out.sequence_attributions:
+        for seq in sequences:
             raw = seq.target_attributions  # [n_tokens, n_generated, hidden], float32, NaN for future tokens
             matrix = torch.linalg.vector_norm(raw.float(), ord=2, dim=-1).numpy()
             result.append({

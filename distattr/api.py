@@ -60,7 +60,7 @@ class AttributionModel:
         skip_special_tokens: bool = False,
         include_eos_baseline: bool = False,
         hidden_reduction: str = "vnorm",
-        token_budget: int = 8192,
+        token_budget: int | None = None,
         steps_per_row: int | None = None,
         batch_size: int = 16,
         show_progress: bool = True,
@@ -87,7 +87,8 @@ class AttributionModel:
             skip_special_tokens: tokenize without special tokens.
             include_eos_baseline: replace EOS by UNK in the baseline too.
             hidden_reduction: ``vnorm`` (L2 over the hidden size, Inseq's display) or ``sum`` (signed).
-            token_budget: most padded tokens per forward/backward batch (bounds memory).
+            token_budget: most padded tokens per forward/backward batch; bounds memory (None: sized from
+                the model so saved activations take ~384 MiB on a CPU, a quarter of a GPU's memory).
             steps_per_row: steps sharing one forward (None: chosen by a cost model; 1 = stacked prefixes).
             batch_size: inputs per generation batch.
             show_progress: progress bar on a terminal.

@@ -108,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"),
                      help="model weights dtype (default float32)")
     att.add_argument("--device", help="where to run, e.g. cpu, cuda, cuda:1, mps")
-    att.add_argument("--token-budget", type=int, default=8192, metavar="N",
-                     help="most padded tokens per forward/backward batch (default: %(default)s)")
+    att.add_argument("--token-budget", type=int, default=None, metavar="N",
+                     help="most padded tokens per forward/backward batch (default: sized from the model)")
     att.add_argument("--batch-size", type=int, default=16, metavar="N", help="inputs per generation batch")
     att.add_argument("--output", "-o", metavar="FILE.json", help="save the result (reload with distattr.load)")
     att.add_argument("--html", metavar="FILE.html", help="write a self-contained HTML page of the heatmaps")
@@ -217,7 +217,7 @@ def cmd_attribute(args) -> int:
     unused = sorted(set(step_scores_args) - set(step_scores))
     if unused:
         raise UsageError(f"--step-score-arg given for {', '.join(unused)}, which is not in --step-scores")
-    if args.token_budget < 1 or args.batch_size < 1:
+    if (args.token_budget is not None and args.token_budget < 1) or args.batch_size < 1:
         raise UsageError("--token-budget and --batch-size must be at least 1")
     device = _device(args.device)
     json_path, html_path = _output_path(args.output, "--output"), _output_path(args.html, "--html")

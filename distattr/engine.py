@@ -22,6 +22,7 @@ from . import methods as method_registry
 from .methods.base import Example, MethodOutput, Picks, Request
 from .models.adapters import Adapter, RowInputs, dropout_rerun
 from .models.loading import LoadedModel
+from .models.memory import default_token_budget
 from .results import AttributionOutput, SequenceAttribution
 from .steps import Contrast, StepContext, get_step_function
 
@@ -47,7 +48,7 @@ class AttributeConfig:
     contrast_targets_alignments: tuple | None = None
     contrast_force_inputs: bool = False
     hidden_reduction: str = "vnorm"
-    token_budget: int = 8192
+    token_budget: int | None = None  # None: distattr.models.memory.default_token_budget
     steps_per_row: int | None = None
     batch_size: int = 16
 
@@ -489,6 +490,10 @@ def attribute(loaded: LoadedModel, adapter: Adapter, texts, generated_texts, cfg
     for name in cfg.step_scores:
         get_step_function(name)
     get_step_function(cfg.attributed_fn)
+    if cfg.token_budget is None:
+        cfg = dataclasses.replace(cfg, token_budget=default_token_budget(loaded.model))
+    elif cfg.token_budget < 1:
+        raise ValueError(f"token_budget must be at least 1, not {cfg.token_budget}")
     if cfg.hidden_reduction not in ("vnorm", "sum"):
         raise ValueError(f"hidden_reduction must be 'vnorm' or 'sum', not {cfg.hidden_reduction!r}")
     started = time.perf_counter()
@@ -525,5 +530,6 @@ def attribute(loaded: LoadedModel, adapter: Adapter, texts, generated_texts, cfg
         "timing": {"prepare_s": generated_at - started, "attribute_s": finished - generated_at,
                    "total_s": finished - started},
         "attributed_steps": total_steps,
+        "token_budget": cfg.token_budget,
     }
     return AttributionOutput(sequences=tuple(sequences), info=info)

@@ -90,7 +90,7 @@ class Request:
     target_fn: TargetFn
     attribute_target: bool
     hidden_reduction: str = "vnorm"
-    token_budget: int = 8192
+    token_budget: int = 256
     steps_per_row: int | None = None
     on_progress: Callable[[int, int], None] | None = None
 
