@@ -312,10 +312,16 @@ def _parent(args: argparse.Namespace) -> int:
     }
     ok = True
     with tempfile.TemporaryDirectory(prefix="bench_vs_inseq-") as tmp:
-        workdir = Path(tmp)
+        workdir = Path(args.keep) if args.keep else Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
         for method in methods:
             row = {"method": method}
             for tool in TOOLS:
+                kept = workdir / f"{tool}-{method}.json"
+                if tool in args.reuse and kept.is_file():  # an earlier run's child output, same settings
+                    print(f"[{tool}/{method}] reusing {kept}", file=sys.stderr, flush=True)
+                    row[tool] = {**json.loads(kept.read_text()), "reused": True}
+                    continue
                 row[tool] = _run_child(tool, method, args, workdir)
             if all("error" not in row[t] for t in TOOLS):
                 row["speedup"] = row["inseq"]["s_per_token"] / row["distattr"]["s_per_token"]
@@ -350,6 +356,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tolerance", type=float, default=1e-4, help="max allowed rel. difference")
     p.add_argument("--output", default="results.json", help="JSON file with every number")
     p.add_argument("--markdown", default=None, help="also write the markdown table to this file")
+    p.add_argument("--keep", default=None, help="keep the children's outputs in this folder (for --reuse)")
+    p.add_argument("--reuse", default="", help="comma-separated tools whose outputs in --keep are reused, e.g. "
+                   "inseq when only distattr changed (same machine and settings)")
     p.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
