@@ -139,3 +139,15 @@ def test_planner_width_minimises_cost_and_pack_respects_budget():
             width_b = max(units[p.unit].length for p in b)
             n_rows = sum(len(p.points) for p in b)
             assert n_rows * width_b <= budget or n_rows == 1
+
+
+def test_several_layers_in_one_pass_equal_one_layer_at_a_time(tiny):
+    layers = ["model.layers.0.mlp", "model.layers.1.mlp", "model.layers.1.self_attn"]
+    m = tiny("llama", "layer_gradient_x_activation", target_layer=layers)
+    together = m.attribute(PROMPT, generation_args={"max_new_tokens": 4}, show_progress=False)[0]
+    assert together.dims == ("layer",) and together.dim_labels == (tuple(layers),)
+    assert together.target_attributions.shape == (len(together.target_tokens), 4, 3)
+    generated = m.tokenizer.decode(together.target_ids[1:])  # the same tokens, without the BOS
+    for i, name in enumerate(layers):
+        alone = m.attribute(PROMPT, generated, target_layer=name, show_progress=False)[0]
+        _close(together.target_attributions[..., i], alone.target_attributions)

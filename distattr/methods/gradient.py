@@ -23,7 +23,7 @@ or ``sum``) before anything leaves it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -79,11 +79,11 @@ def _replace_first(output, value):
 
 @dataclass
 class _Accumulator:
-    """Per-unit running sums of ``w * m * grad`` for each of the unit's steps (kept until all points ran)."""
+    """Per-unit running sums of ``w * m * grad``: one dict per step, keyed by leaf (``"target"``, ``"source"``
+    or ``"<side>:<layer index>"``), kept until all of the unit's points have run."""
 
     remaining: int
-    target: list[torch.Tensor | None] = field(default_factory=list)
-    source: list[torch.Tensor | None] = field(default_factory=list)
+    steps: list[dict[str, torch.Tensor]]
 
 
 def gradient_attribution(req: Request, path: Path, layer: LayerTarget | None = None,
@@ -114,7 +114,7 @@ def gradient_attribution(req: Request, path: Path, layer: LayerTarget | None = N
             req.on_progress(sum(len(units[u].steps) for u in finished),
                             sum(units[p.unit].length * len(p.points) for p in batch))
 
-    deltas = _convergence_deltas(req, layer, sums) if convergence_delta else [None] * len(examples)
+    deltas = _convergence_deltas(req, sums) if convergence_delta else [None] * len(examples)
     return [
         MethodOutput(source=s, target=t, deltas=d, extra_dims=("layer",) if extra else (),
                      extra_labels=(layer.names,) if extra else ())
@@ -235,7 +235,7 @@ def _run_batch(req: Request, path: Path, layer: LayerTarget | None, units: list[
             for k in range(n_slots):  # one vector-Jacobian product per step slot, all rows at once
                 grads = torch.autograd.grad(f[slot == k].sum(), [leaves[n] for n in names],
                                             retain_graph=k < n_slots - 1, allow_unused=True)
-                _accumulate(req, path, layer, units, batch, rows, k, dict(zip(names, grads, strict=True)),
+                _accumulate(req, path, units, batch, rows, k, dict(zip(names, grads, strict=True)),
                             multipliers, accumulators, outputs, sums)
     finally:
         for h in hooks:
@@ -278,93 +278,66 @@ def _layer_hook(index: int, side: str, leaves: dict, multipliers: dict, alpha: t
     return hook
 
 
-def _accumulate(req: Request, path: Path, layer: LayerTarget | None, units: list[Unit], batch: list[Piece],
-                rows: _Rows, slot: int, grads: dict, multipliers: dict, accumulators: dict[int, _Accumulator],
-                outputs: list, sums: list[torch.Tensor]) -> None:
+def _accumulate(req: Request, path: Path, units: list[Unit], batch: list[Piece], rows: _Rows, slot: int,
+                grads: dict, multipliers: dict, accumulators: dict[int, _Accumulator], outputs: list,
+                sums: list[torch.Tensor]) -> None:
     """Fold the gradients of step ``slot`` of every row into its unit; finish units whose points all ran."""
-    batch_units = rows.units
-    local = {u: i for i, u in enumerate(batch_units)}
-    points_in_batch = {u: 0 for u in batch_units}
-    for piece in batch:
-        points_in_batch[piece.unit] += len(piece.points)
-    for u in batch_units:
+    for u in rows.units:
         if u not in accumulators:
-            n = len(units[u].steps)
-            accumulators[u] = _Accumulator(remaining=path.n_points, target=[None] * n, source=[None] * n)
-
+            accumulators[u] = _Accumulator(remaining=path.n_points, steps=[{} for _ in units[u].steps])
     for key, grad in grads.items():
         if grad is None:
             continue
-        side = key.split(":")[0]
         # accumulate in float32 whatever the model dtype: IG sums many small terms
         contrib = grad.float() if multipliers[key] is None else grad.float() * multipliers[key].float()
         contrib = contrib * rows.weight.view(-1, *[1] * (contrib.dim() - 1)).to(contrib)
-        summed = contrib.new_zeros((len(batch_units), *contrib.shape[1:]))
+        summed = contrib.new_zeros((len(rows.units), *contrib.shape[1:]))
         summed.index_add_(0, rows.local.to(contrib.device), contrib)
-        layer_index = int(key.split(":")[1]) if ":" in key else 0
-        for u in batch_units:
-            if slot >= len(units[u].steps):
-                continue
-            acc = accumulators[u]
-            store = acc.target if side == "target" else acc.source
-            value = summed[local[u]]
-            if layer is not None and len(layer.modules) > 1:
-                store_key = (slot, layer_index)
-                if not isinstance(store[slot], dict):
-                    store[slot] = {}
-                prev = store[slot].get(store_key)
-                store[slot][store_key] = value if prev is None else prev + value
-            else:
-                store[slot] = value if store[slot] is None else store[slot] + value
+        for i, u in enumerate(rows.units):
+            if slot < len(units[u].steps):
+                store = accumulators[u].steps[slot]
+                store[key] = summed[i] if key not in store else store[key] + summed[i]
 
-    last_slot = slot == max(len(units[u].steps) for u in batch_units) - 1
-    if not last_slot:
+    if slot < max(len(units[u].steps) for u in rows.units) - 1:
         return
-    for u in batch_units:
-        acc = accumulators[u]
-        acc.remaining -= points_in_batch[u]
+    for piece in batch:
+        acc = accumulators[piece.unit]
+        acc.remaining -= len(piece.points)
         if acc.remaining == 0:
-            _finish_unit(req, path, layer, units[u], acc, outputs, sums)
+            _finish_unit(req, path, units[piece.unit], acc, outputs, sums)
 
 
-def _finish_unit(req: Request, path: Path, layer: LayerTarget | None, unit: Unit, acc: _Accumulator,
-                 outputs: list, sums: list[torch.Tensor]) -> None:
+def _finish_unit(req: Request, path: Path, unit: Unit, acc: _Accumulator, outputs: list,
+                 sums: list[torch.Tensor]) -> None:
+    """Reduce each finished step to token level: ``[n]`` (or ``[n, layers]`` for several layers)."""
     ex = req.examples[unit.example]
     source_out, target_out = outputs[unit.example]
     for k, t in enumerate(unit.steps):
-        col = t - ex.start
-        for side, store, out in (("target", acc.target, target_out), ("source", acc.source, source_out)):
-            value = store[k]
-            if value is None or out is None:
+        for side, out in (("target", target_out), ("source", source_out)):
+            keys = sorted((key for key in acc.steps[k] if key.split(":")[0] == side),
+                          key=lambda key: int(key.split(":")[1]) if ":" in key else 0)
+            if not keys or out is None:
                 continue
             n_valid = t if side == "target" else len(ex.source_ids)
-            if isinstance(value, dict):  # several layers: [L, d] each -> [n, n_layers]
-                per_layer = [value[key] for key in sorted(value, key=lambda key: key[1])]
-                stacked = torch.stack(per_layer, dim=-2)[:n_valid]  # [n, layers, d]
-                if path.absolute:
-                    stacked = stacked.abs()
-                out[:n_valid, col] = reduce_hidden(stacked, req.hidden_reduction).float().cpu()
-                sums[unit.example][col] += float(stacked.sum())
-                continue
-            value = value[:n_valid]
+            values = [acc.steps[k][key][:n_valid] for key in keys]
+            value = values[0] if len(values) == 1 else torch.stack(values, dim=-2)  # [n, (layers,) d]
             if path.absolute:
                 value = value.abs()
-            out[:n_valid, col] = reduce_hidden(value, req.hidden_reduction).float().cpu()
-            sums[unit.example][col] += float(value.sum())
+            out[:n_valid, t - ex.start] = reduce_hidden(value, req.hidden_reduction).float().cpu()
+            sums[unit.example][t - ex.start] += float(value.sum())
 
 
-def _convergence_deltas(req: Request, layer: LayerTarget | None, sums: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``sum(attributions) - (f(x) - f(b))`` per step, from one no-grad forward each of input and baseline."""
-    adapter = req.adapter
+def _convergence_deltas(req: Request, sums: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``sum(attributions) - (f(x) - f(b))`` per step, from one no-grad forward each of input and baseline
+    (the decoder input stays ``x`` where the target is not attributed)."""
+    interpolated_target = req.attribute_target or not req.adapter.is_encoder_decoder
     deltas = []
     with torch.no_grad():
         for ex, total in zip(req.examples, sums, strict=True):
-            values = []
-            for ids, src in ((ex.target_ids, ex.source_ids), (ex.target_baseline, ex.source_baseline)):
-                use_base_target = req.attribute_target or not adapter.is_encoder_decoder
-                tgt = ids if use_base_target else ex.target_ids
-                values.append(_score_steps(req, ex, tgt, src))
-            deltas.append(total - (values[0] - values[1]).cpu().float())
+            f_x = _score_steps(req, ex, ex.target_ids, ex.source_ids)
+            f_b = _score_steps(req, ex, ex.target_baseline if interpolated_target else ex.target_ids,
+                               ex.source_baseline)
+            deltas.append(total - (f_x - f_b).cpu().float())
     return deltas
 
 
