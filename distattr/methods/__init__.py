@@ -96,15 +96,17 @@ def _budget(req: Request, internal_batch_size: int | None) -> Request:
     return dataclasses.replace(req, token_budget=min(req.token_budget, internal_batch_size * longest))
 
 
-ONE = torch.ones(1)
+def _at_input(multiply: str, absolute: bool = False) -> Path:
+    """The one-point path at the input itself (alpha = 1, weight 1)."""
+    return Path(torch.ones(1), torch.ones(1), multiply=multiply, absolute=absolute)
 
 
 def run_saliency(req: Request, args: SaliencyArgs) -> list[MethodOutput]:
-    return gradient_attribution(req, Path(ONE, ONE, multiply="none", absolute=args.abs))
+    return gradient_attribution(req, _at_input("none", absolute=args.abs))
 
 
 def run_input_x_gradient(req: Request, args: NoArgs) -> list[MethodOutput]:
-    return gradient_attribution(req, Path(ONE, ONE, multiply="input"))
+    return gradient_attribution(req, _at_input("input"))
 
 
 def run_integrated_gradients(req: Request, args: IntegratedGradientsArgs) -> list[MethodOutput]:
@@ -150,7 +152,7 @@ def resolve_layers(adapter, target_layer, single: bool) -> LayerTarget:
 
 def run_layer_gradient_x_activation(req: Request, args: LayerArgs) -> list[MethodOutput]:
     layer = resolve_layers(req.adapter, args.target_layer, single=False)
-    return gradient_attribution(req, Path(ONE, ONE, multiply="input"), layer=layer)
+    return gradient_attribution(req, _at_input("input"), layer=layer)
 
 
 def run_layer_integrated_gradients(req: Request, args: LayerIntegratedGradientsArgs) -> list[MethodOutput]:
