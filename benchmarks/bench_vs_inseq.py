@@ -150,7 +150,9 @@ def _inseq_runner(args: argparse.Namespace, method_args: dict):
         result = []
         for seq in sequences:
             raw = seq.target_attributions  # [n_tokens, n_generated, hidden], float32, NaN for future tokens
-            matrix = torch.linalg.vector_norm(raw.float(), ord=2, dim=-1).numpy()
+            # gradient methods: [tokens, steps, hidden] -> L2 over hidden; occlusion is already [tokens, steps]
+            raw = raw.float()
+            matrix = (raw if raw.dim() == 2 else torch.linalg.vector_norm(raw, ord=2, dim=-1)).numpy()
             result.append({
                 "matrix": matrix, "target_ids": [int(t.id) for t in seq.target],
                 "target_tokens": [t.token for t in seq.target],

@@ -17,6 +17,7 @@ from .base import MethodOutput, Request
 from .captum_methods import deeplift_attribution
 from .gradient import LayerTarget, Path, gradient_attribution
 from .internals import attention_attribution
+from .perturbation import occlusion_attribution
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,17 @@ class LayerIntegratedGradientsArgs(IntegratedGradientsArgs):
 
 
 @dataclass(frozen=True)
+class OcclusionArgs:
+    """``absolute``: report ``|f(x) - f(x occluded)|`` as Inseq does (False keeps the sign)."""
+
+    absolute: bool = True
+
+
+@dataclass(frozen=True)
 class Method:
     run: Callable[[Request, object], list[MethodOutput]]
     args: type
-    kind: str  # "gradient", "layer", "internals"
+    kind: str  # "gradient", "layer", "internals", "perturbation"
     summary: str
 
 
@@ -165,6 +173,10 @@ def run_layer_deeplift(req: Request, args: LayerArgs) -> list[MethodOutput]:
     return deeplift_attribution(req, layer=resolve_layers(req.adapter, args.target_layer, single=True))
 
 
+def run_occlusion(req: Request, args: OcclusionArgs) -> list[MethodOutput]:
+    return occlusion_attribution(req, absolute=args.absolute)
+
+
 def run_attention(req: Request, args: NoArgs) -> list[MethodOutput]:
     return attention_attribution(req)
 
@@ -183,6 +195,8 @@ METHODS: dict[str, Method] = {
                                           "layer output * gradient (one or many layers in one pass)"),
     "layer_deeplift": Method(run_layer_deeplift, LayerArgs, "layer", "DeepLIFT at a layer's output via Captum"),
     "attention": Method(run_attention, NoArgs, "internals", "attention weights of every layer and head"),
+    "occlusion": Method(run_occlusion, OcclusionArgs, "perturbation",
+                        "|f(x) - f(x with one token replaced by its baseline)| (Zeiler & Fergus 2014)"),
 }
 
 
