@@ -78,7 +78,7 @@ class Request:
     """Everything a method needs besides its own arguments.
 
     Attributes:
-        attribute_target: also attribute the decoder prefix (always True for decoder-only models).
+        attribute_target: also attribute the decoder prefix (the engine sets it True for decoder-only models).
         hidden_reduction: how a per-dimension score becomes a token score: ``"vnorm"`` (L2, Inseq's
             default) or ``"sum"`` (signed; IG completeness holds for it).
         token_budget: most tokens (rows x padded length) in one forward/backward batch.
@@ -129,9 +129,18 @@ def reduce_hidden(scores: torch.Tensor, how: str) -> torch.Tensor:
     raise ValueError(f"Unknown hidden_reduction {how!r}; use 'vnorm' or 'sum'")
 
 
-def empty_outputs(example: Example, n_source: int | None, with_target: bool, extra: tuple[int, ...] = ()):
-    """NaN-filled ``(source, target)`` matrices for an example."""
+def attributed_sides(req: Request) -> frozenset[str]:
+    """The input sides a method attributes: the decoder prefix (``"target"``, always for decoder-only
+    models) and, for encoder-decoder models, the encoder input (``"source"``)."""
+    sides = {"target"} if req.attribute_target else set()
+    if req.adapter.is_encoder_decoder:
+        sides.add("source")
+    return frozenset(sides)
+
+
+def empty_outputs(example: Example, sides, extra: tuple[int, ...] = ()):
+    """NaN-filled ``(source, target)`` matrices of an example, None for a side not in ``sides``."""
     steps = example.n_steps
-    source = torch.full((n_source, steps, *extra), float("nan")) if n_source is not None else None
-    target = torch.full((len(example.target_ids), steps, *extra), float("nan")) if with_target else None
+    source = torch.full((len(example.source_ids), steps, *extra), float("nan")) if "source" in sides else None
+    target = torch.full((len(example.target_ids), steps, *extra), float("nan")) if "target" in sides else None
     return source, target

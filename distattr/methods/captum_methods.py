@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..models.adapters import RowInputs
-from .base import MethodOutput, Picks, Request, check_differentiable, empty_outputs, reduce_hidden
+from .base import MethodOutput, Picks, Request, attributed_sides, check_differentiable, empty_outputs, reduce_hidden
 from .gradient import LayerTarget, _pad_stack
 from .rows import pack, plan_units
 
@@ -57,14 +57,8 @@ def deeplift_attribution(req: Request, layer: LayerTarget | None = None) -> list
     scorer = RowScorer(req)
     explainer = (DeepLift(scorer, multiply_by_inputs=True) if layer is None
                  else LayerDeepLift(scorer, layer.modules[0], multiply_by_inputs=True))
-    outputs = []
-    for ex in examples:
-        n_src = len(ex.source_ids) if enc_dec else None
-        with_target = req.attribute_target or not enc_dec
-        if layer is not None:
-            n_src = n_src if layer.sides[0] == "source" else None
-            with_target = layer.sides[0] == "target"
-        outputs.append(empty_outputs(ex, n_src, with_target))
+    outputs = [empty_outputs(ex, set(layer.sides) if layer is not None else attributed_sides(req))
+               for ex in examples]
 
     units = plan_units(examples, 1)
     src_lens = [len(examples[u.example].source_ids) if enc_dec else 0 for u in units]
@@ -75,7 +69,7 @@ def deeplift_attribution(req: Request, layer: LayerTarget | None = None) -> list
         device = adapter.embedding.weight.device
         tgt = [ex.target_ids[: u.length] for ex, u in zip(exs, rows, strict=True)]
         tgt_b = [ex.target_baseline[: u.length] for ex, u in zip(exs, rows, strict=True)]
-        attribute_target = req.attribute_target or not enc_dec
+        attribute_target = req.attribute_target
         if not attribute_target:
             tgt_b = tgt
         src = src_b = mask = None

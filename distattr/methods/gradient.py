@@ -29,7 +29,16 @@ import torch
 from torch import nn
 
 from ..models.adapters import RowInputs, dropout_rerun
-from .base import Example, MethodOutput, Picks, Request, check_differentiable, empty_outputs, reduce_hidden
+from .base import (
+    Example,
+    MethodOutput,
+    Picks,
+    Request,
+    attributed_sides,
+    check_differentiable,
+    empty_outputs,
+    reduce_hidden,
+)
 from .rows import Piece, Unit, pack, plan_units
 
 
@@ -93,14 +102,8 @@ def gradient_attribution(req: Request, path: Path, layer: LayerTarget | None = N
     enc_dec = adapter.is_encoder_decoder
     n_layers = len(layer.modules) if layer else 0
     extra = (n_layers,) if n_layers > 1 else ()
-    outputs = []
-    for ex in examples:
-        n_src = len(ex.source_ids) if enc_dec else None
-        with_target = req.attribute_target or not enc_dec
-        if layer is not None:
-            n_src = n_src if "source" in layer.sides else None
-            with_target = "target" in layer.sides
-        outputs.append(list(empty_outputs(ex, n_src, with_target, extra)))
+    sides = set(layer.sides) if layer is not None else attributed_sides(req)
+    outputs = [list(empty_outputs(ex, sides, extra)) for ex in examples]
     sums = [torch.zeros(ex.n_steps) for ex in examples]  # signed totals, for convergence deltas
 
     units = plan_units(examples, req.steps_per_row)
@@ -192,10 +195,10 @@ def _run_batch(req: Request, path: Path, layer: LayerTarget | None, units: list[
         lengths = torch.tensor(ids["source"][2], device=device)
         inputs["source_mask"] = (torch.arange(width, device=device)[None] < lengths[:, None]).long()[rows.local]
     if layer is None:
-        attributed = {"target": req.attribute_target or not adapter.is_encoder_decoder, "source": True}
+        attributed = attributed_sides(req)
         for side in sides:
             x = adapter.embed(ids[side][0], side)[rows.local]
-            if not attributed[side]:
+            if side not in attributed:
                 inputs[f"{side}_embeds"] = x
                 continue
             b = adapter.embed(ids[side][1], side)[rows.local]
@@ -330,7 +333,7 @@ def _finish_unit(req: Request, path: Path, unit: Unit, acc: _Accumulator, output
 def _convergence_deltas(req: Request, sums: list[torch.Tensor]) -> list[torch.Tensor]:
     """``sum(attributions) - (f(x) - f(b))`` per step, from one no-grad forward each of input and baseline
     (the decoder input stays ``x`` where the target is not attributed)."""
-    interpolated_target = req.attribute_target or not req.adapter.is_encoder_decoder
+    interpolated_target = "target" in attributed_sides(req)
     deltas = []
     with torch.no_grad():
         for ex, total in zip(req.examples, sums, strict=True):

@@ -80,7 +80,7 @@ def _attention_batch(req: Request, indices: list[int], device) -> dict[int, Meth
         steps = torch.arange(ex.start, ex.end)
         n_layers, n_heads = self_att.shape[1:3]
         target = None
-        if req.attribute_target or not enc_dec:
+        if req.attribute_target:
             n_keys = ex.end - 1  # rows: key positions; columns: steps (query t - 1)
             att = self_att[r, :, :, steps - 1, :n_keys]  # [layers, heads, T, n_keys]
             target = torch.full((len(ex.target_ids), len(steps), n_layers, n_heads), float("nan"))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.adapters import RowInputs
-from .base import MethodOutput, Picks, Request, empty_outputs
+from .base import MethodOutput, Picks, Request, attributed_sides, empty_outputs
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,9 @@ def occlusion_attribution(req: Request, absolute: bool = True) -> list[MethodOut
     enc_dec = adapter.is_encoder_decoder
     outputs = []
     for ex in req.examples:
-        with_target = req.attribute_target or not enc_dec
-        source, target = empty_outputs(ex, len(ex.source_ids) if enc_dec else None, with_target)
+        source, target = empty_outputs(ex, attributed_sides(req))
         rows = [_Occluded(None, -1)]
-        if with_target:  # a token at or after the last step's position influences no attributed step
+        if target is not None:  # a token at or after the last step's position influences no attributed step
             rows += [_Occluded("target", j) for j in range(ex.end - 1)
                      if ex.target_baseline[j] != ex.target_ids[j]]
         if enc_dec:
