@@ -20,7 +20,7 @@ import torch
 
 from . import methods as method_registry
 from .methods.base import Example, MethodOutput, Picks, Request
-from .models.adapters import Adapter, RowInputs, dropout_rerun
+from .models.adapters import Adapter, dropout_rerun, id_rows
 from .models.loading import LoadedModel
 from .models.memory import default_token_budget
 from .results import AttributionOutput, SequenceAttribution
@@ -336,27 +336,6 @@ def _contrast_for(loaded: LoadedModel, i: int, target_ids: list[int], source_ids
 # ---------------------------------------------------------------- 2. step scores
 
 
-def _full_forward(adapter: Adapter, batch: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]):
-    """Forward rows ``(decoder ids [L], source ids [S] or None, scored positions)``; logits per row."""
-    device = adapter.embedding.weight.device
-    width = max(len(t) for t, _, _ in batch)
-    ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
-    scored = torch.zeros(len(batch), width, dtype=torch.bool, device=device)
-    for r, (t, _, pos) in enumerate(batch):
-        ids[r, : len(t)] = t
-        scored[r, pos] = True
-    inputs = {"target_ids": ids}
-    if adapter.is_encoder_decoder:
-        s_width = max(len(s) for _, s, _ in batch)
-        src = torch.zeros(len(batch), s_width, dtype=torch.long, device=device)
-        mask = torch.zeros_like(src)
-        for r, (_, s, _) in enumerate(batch):
-            src[r, : len(s)], mask[r, : len(s)] = s, 1
-        inputs.update(source_ids=src, source_mask=mask)
-    rows = RowInputs(**inputs)
-    return rows, scored
-
-
 def score_steps(adapter: Adapter, prepared: Prepared, names: Sequence[str], args: dict,
                 token_budget: int) -> list[dict[str, torch.Tensor]]:
     """Step scores ``{name: [n_steps]}`` per example, from batched full-sequence forwards."""
@@ -377,7 +356,7 @@ def score_steps(adapter: Adapter, prepared: Prepared, names: Sequence[str], args
     with torch.no_grad():
         for batch in batches:
             exs = [prepared.examples[i] for i in batch]
-            rows, scored = _full_forward(adapter, [(ex.target_ids[: ex.end - 1], ex.source_ids,
+            rows, scored = id_rows(adapter, [(ex.target_ids[: ex.end - 1], ex.source_ids,
                                                     torch.arange(ex.start - 1, ex.end - 1)) for ex in exs])
             logits = adapter.forward(rows, scored).logits
             targets = torch.cat([ex.target_ids[ex.start : ex.end] for ex in exs])
@@ -396,11 +375,11 @@ def _contrast_logits(adapter: Adapter, prepared: Prepared, batch: list[int], exs
     infos = [prepared.contrast[i] for i in batch]
     if any(info is None for info in infos):
         # no contrast given: the original serves as contrast (same output, as Inseq)
-        rows, scored = _full_forward(adapter, [(ex.target_ids[: ex.end - 1], ex.source_ids,
+        rows, scored = id_rows(adapter, [(ex.target_ids[: ex.end - 1], ex.source_ids,
                                                 torch.arange(ex.start - 1, ex.end - 1)) for ex in exs])
         return Contrast(adapter.forward(rows, scored).logits, torch.cat([ex.target_ids[ex.start:ex.end] for ex in exs]))
     spec = [(info["ids"][: int(info["positions"].max())], info["source_ids"], info["positions"] - 1) for info in infos]
-    rows, scored = _full_forward(adapter, spec)
+    rows, scored = id_rows(adapter, spec)
     logits = adapter.forward(rows, scored).logits
     # flattened logits follow the (distinct, ascending) scored positions of each row; map steps onto them
     # (several steps may align to the same contrast position)

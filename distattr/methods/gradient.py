@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models.adapters import RowInputs, dropout_rerun
+from ..models.adapters import RowInputs, dropout_rerun, id_rows
 from .base import (
     Example,
     MethodOutput,
@@ -346,14 +346,7 @@ def _convergence_deltas(req: Request, sums: list[torch.Tensor]) -> list[torch.Te
 
 def _score_steps(req: Request, ex: Example, target_ids: torch.Tensor, source_ids: torch.Tensor | None):
     """Attributed function at every step of ``ex`` for the given (possibly baseline) token ids."""
-    adapter = req.adapter
-    length = ex.end - 1
-    embeds = adapter.embed(target_ids[:length], "target").unsqueeze(0)
-    scored = torch.zeros(1, length, dtype=torch.bool, device=embeds.device)
-    scored[0, ex.start - 1 : ex.end - 1] = True
-    inputs = {"target_embeds": embeds}
-    if adapter.is_encoder_decoder:
-        inputs["source_embeds"] = adapter.embed(source_ids, "source").unsqueeze(0)
-        inputs["source_mask"] = torch.ones(1, len(source_ids), dtype=torch.long, device=embeds.device)
-    logits = adapter.forward(RowInputs(**inputs), scored).logits
+    steps = torch.arange(ex.start - 1, ex.end - 1)
+    rows, scored = id_rows(req.adapter, [(target_ids[: ex.end - 1], source_ids, steps)])
+    logits = req.adapter.forward(rows, scored).logits
     return req.target_fn(logits, Picks.gather([(ex, t) for t in range(ex.start, ex.end)]), None)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.adapters import RowInputs
+from ..models.adapters import id_rows
 from .base import MethodOutput, Picks, Request, attributed_sides, empty_outputs
 
 
@@ -62,6 +62,17 @@ def occlusion_attribution(req: Request, absolute: bool = True) -> list[MethodOut
     return outputs
 
 
+def _occlude(ex, row: _Occluded) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Decoder ids (up to the last scored position) and encoder ids of ``row``."""
+    target, source = ex.target_ids[: ex.end - 1].clone(), ex.source_ids
+    if row.side == "target":
+        target[row.position] = ex.target_baseline[row.position]
+    elif row.side == "source":
+        source = source.clone()
+        source[row.position] = ex.source_baseline[row.position]
+    return target, source
+
+
 def _score_rows(req: Request, ex, rows: list[_Occluded]) -> torch.Tensor:
     """The attributed function at every step of ``ex`` for each row: ``[len(rows), n_steps]``."""
     adapter = req.adapter
@@ -69,23 +80,13 @@ def _score_rows(req: Request, ex, rows: list[_Occluded]) -> torch.Tensor:
     row_tokens = length + (len(ex.source_ids) if adapter.is_encoder_decoder else 0)
     per_batch = max(1, req.token_budget // max(row_tokens, 1))
     picks = Picks.gather([(ex, t) for t in range(ex.start, ex.end)])
+    positions = torch.arange(ex.start - 1, length)
     scores = []
     with torch.no_grad():
         for first in range(0, len(rows), per_batch):
             chunk = rows[first : first + per_batch]
-            target = ex.target_ids[:length].repeat(len(chunk), 1)
-            inputs = {}
-            if adapter.is_encoder_decoder:
-                inputs["source_ids"] = ex.source_ids.repeat(len(chunk), 1)
-                inputs["source_mask"] = torch.ones_like(inputs["source_ids"])
-            for r, row in enumerate(chunk):
-                if row.side == "target":
-                    target[r, row.position] = ex.target_baseline[row.position]
-                elif row.side == "source":
-                    inputs["source_ids"][r, row.position] = ex.source_baseline[row.position]
-            scored = torch.zeros_like(target, dtype=torch.bool)
-            scored[:, ex.start - 1 : length] = True
-            logits = adapter.forward(RowInputs(target_ids=target, **inputs), scored).logits
+            model_rows, scored = id_rows(adapter, [(*_occlude(ex, row), positions) for row in chunk])
+            logits = adapter.forward(model_rows, scored).logits
             repeated = Picks(*(None if v is None else v.repeat(len(chunk), *[1] * (v.dim() - 1))
                                for v in (picks.target_ids, picks.contrast_ids, picks.contrast_logits)))
             scores.append(req.target_fn(logits, repeated, None).view(len(chunk), -1))

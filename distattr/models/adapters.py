@@ -147,6 +147,26 @@ def _first_device(model: nn.Module) -> torch.device:
 Adapter = DecoderOnlyAdapter | EncoderDecoderAdapter
 
 
+def id_rows(adapter: Adapter, rows: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]):
+    """Right-padded model inputs for rows ``(decoder ids [L], encoder ids [S] or None, scored positions)``;
+    returns ``(RowInputs, scored [B, L])``."""
+    device = adapter.embedding.weight.device
+    width = max(len(t) for t, _, _ in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    scored = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
+    for r, (t, _, pos) in enumerate(rows):
+        ids[r, : len(t)] = t
+        scored[r, pos] = True
+    if not adapter.is_encoder_decoder:
+        return RowInputs(target_ids=ids), scored
+    s_width = max(len(s) for _, s, _ in rows)
+    src = torch.zeros(len(rows), s_width, dtype=torch.long, device=device)
+    mask = torch.zeros_like(src)
+    for r, (_, s, _) in enumerate(rows):
+        src[r, : len(s)], mask[r, : len(s)] = s, 1
+    return RowInputs(target_ids=ids, source_ids=src, source_mask=mask), scored
+
+
 def dropout_rerun(adapter: Adapter, rows: RowInputs, scored: torch.Tensor):
     """A callable recomputing ``[K, V]`` scored logits of ``rows`` with dropout active (MC dropout); the
     model is back in eval mode afterwards."""
