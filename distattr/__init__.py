@@ -2,12 +2,14 @@
 
 __version__ = "0.1.0"
 
+from .aggregate import Normalize, Reduce, Rescale, Slice, Spans, Words, pair_difference  # noqa: E402
 from .api import AttributionModel, load_model  # noqa: E402
 from .methods import list_methods  # noqa: E402
 from .results import AttributionOutput, SequenceAttribution, load  # noqa: E402
 from .steps import StepContext, list_step_functions, register_step_function  # noqa: E402
 
 __all__ = [
-    "AttributionModel", "AttributionOutput", "SequenceAttribution", "StepContext", "list_methods",
-    "list_step_functions", "load", "load_model", "register_step_function",
+    "AttributionModel", "AttributionOutput", "Normalize", "Reduce", "Rescale", "SequenceAttribution", "Slice", "Spans",
+    "StepContext", "Words", "list_methods", "list_step_functions", "load", "load_model", "pair_difference",
+    "register_step_function",
 ]

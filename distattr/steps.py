@@ -208,7 +208,9 @@ STEP_FUNCTIONS: dict[str, StepFunction] = {
     "contrast_logits": StepFunction(contrast_logits, merge="sum", contrastive=True),
     "contrast_prob": StepFunction(contrast_prob, merge="prod", contrastive=True),
     "contrast_logits_diff": StepFunction(contrast_logits_diff, merge="sum", contrastive=True),
-    "contrast_prob_diff": StepFunction(contrast_prob_diff, merge="prod", contrastive=True),
+    # Inseq merges contrast_prob_diff with prod, which flips the sign of two negative differences; a sum is
+    # exact for logprob=True (log p(w) - log q(w)) and first order otherwise.
+    "contrast_prob_diff": StepFunction(contrast_prob_diff, merge="sum", contrastive=True),
     "pcxmi": StepFunction(pcxmi, merge="sum", contrastive=True),
     "kl_divergence": StepFunction(kl_divergence, merge="sum", contrastive=True),
     "in_context_pvi": StepFunction(in_context_pvi, merge="sum", contrastive=True),
