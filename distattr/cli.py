@@ -1,7 +1,7 @@
 """The ``distattr`` command line.
 
 ``distattr attribute TEXT [TEXT ...] [options]`` explains each generated token of each input and prints
-the heatmaps (``--output`` writes the JSON result, ``--html`` a self-contained page).
+the heatmaps (``--output`` writes the JSON result, ``--html`` a self-contained page, ``--png`` a figure).
 ``distattr methods`` and ``distattr step-functions`` list what can be used.
 
 Bad input gives a one-line error on stderr and exit status 2 (``--debug`` shows the traceback instead).
@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--batch-size", type=int, default=16, metavar="N", help="inputs per generation batch")
     att.add_argument("--output", "-o", metavar="FILE.json", help="save the result (reload with distattr.load)")
     att.add_argument("--html", metavar="FILE.html", help="write a self-contained HTML page of the heatmaps")
+    att.add_argument("--png", metavar="FILE.png",
+                     help="write a heatmap figure (needs matplotlib: pip install 'distattr[viz]'); with several "
+                          "inputs one file per input, FILE-0.png, FILE-1.png, ... (.pdf and .svg work too)")
     att.add_argument("--no-show", action="store_true", help="do not print the heatmaps")
     views = att.add_mutually_exclusive_group()
     views.add_argument("--rescale", action="store_true", help="views: divide by the global max |score| instead "
@@ -221,6 +224,14 @@ def cmd_attribute(args) -> int:
         raise UsageError("--token-budget and --batch-size must be at least 1")
     device = _device(args.device)
     json_path, html_path = _output_path(args.output, "--output"), _output_path(args.html, "--html")
+    png_path = _output_path(args.png, "--png")
+    if png_path is not None:
+        from .viz.plot import require_matplotlib
+
+        try:
+            require_matplotlib()  # fail before loading the model
+        except ImportError as err:
+            raise UsageError(f"--png: {err}") from None
 
     from .api import load_model
 
@@ -244,6 +255,9 @@ def cmd_attribute(args) -> int:
         html_path.parent.mkdir(parents=True, exist_ok=True)
         html_path.write_text(render_html(out, normalize=normalize, rescale=rescale), encoding="utf-8")
         _status(args, f"Wrote {html_path}")
+    if png_path is not None:
+        written = out.plot(png_path, normalize=normalize, rescale=rescale)
+        _status(args, f"Wrote {', '.join(str(p) for p in written)}")
     if not args.no_show:
         out.show(normalize=normalize, rescale=rescale)
     return 0

@@ -65,6 +65,30 @@ class SequenceAttribution:
             src, tgt = rescale_global(src, tgt)
         return dataclasses.replace(self, source_attributions=src, target_attributions=tgt, dims=(), dim_labels=())
 
+    def apply(self, *stages) -> SequenceAttribution:
+        """Run aggregation stages in order (:mod:`distattr.aggregate`), e.g.
+        ``seq.apply(Words(tokenizer), Reduce("mean", "head"), Normalize())``."""
+        from .aggregate import apply
+
+        return apply(self, *stages)
+
+    def plot(self, path: str | Path | None = None, normalize: bool = True, rescale: bool = False, dpi: float = 150,
+             **kwargs):
+        """A heatmap figure (matplotlib, ``pip install 'distattr[viz]'``): written to ``path`` (its extension
+        picks the format, ``dpi`` the resolution) and the path returned, or returned as a
+        ``matplotlib.figure.Figure`` without ``path``. Other keyword arguments:
+        :func:`distattr.viz.plot.plot_figure`."""
+        from .viz.plot import plot_figure, save_figure
+
+        fig = plot_figure(self, normalize=normalize, rescale=rescale, **kwargs)
+        return fig if path is None else save_figure(fig, path, dpi=dpi)
+
+    def _repr_html_(self) -> str:
+        """The HTML view of this example, for notebooks."""
+        from .viz.html import render_fragment
+
+        return render_fragment(self)
+
 
 def _nanmean_last(x: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore"), _quiet_nan_warnings():
@@ -126,6 +150,13 @@ class AttributionOutput:
     def aggregate(self, normalize: bool = True, rescale: bool = False) -> AttributionOutput:
         return dataclasses.replace(self, sequences=tuple(s.aggregate(normalize, rescale) for s in self.sequences))
 
+    def apply(self, *stages) -> AttributionOutput:
+        """Run aggregation stages in order on every example (:mod:`distattr.aggregate`); the stages are
+        recorded in ``info["aggregation"]``."""
+        from .aggregate import apply
+
+        return apply(self, *stages)
+
     def show(self, normalize: bool = True, rescale: bool = False, step_scores: bool = True, console=None) -> None:
         """Print a heatmap per example (rich console)."""
         from .viz.console import show_console
@@ -139,7 +170,23 @@ class AttributionOutput:
         return render_html(self, normalize=normalize, rescale=rescale)
 
     def _repr_html_(self) -> str:
-        return self.html()
+        """The HTML view as a fragment for notebooks (scoped style and script, no page-wide CSS)."""
+        from .viz.html import render_fragment
+
+        return render_fragment(self)
+
+    def plot(self, path: str | Path | None = None, normalize: bool = True, rescale: bool = False,
+             index: int | list[int] | None = None, **kwargs):
+        """Heatmap figures (matplotlib, ``pip install 'distattr[viz]'``), one per example, sharing one colour
+        scale. With ``path``: one example is written to ``path``, several to ``path`` with ``-<i>`` before
+        the extension (or ``{index}`` in the name replaced); returns the paths. Without: returns the
+        ``matplotlib.figure.Figure`` objects. ``index`` picks examples; other keyword arguments:
+        :func:`distattr.viz.plot.plot_figures`, ``dpi`` when saving."""
+        from .viz.plot import plot_figures, save_plots
+
+        if path is None:
+            return plot_figures(self, normalize=normalize, rescale=rescale, index=index, **kwargs)
+        return save_plots(self, path, normalize=normalize, rescale=rescale, index=index, **kwargs)
 
     def save(self, path: str | Path, overwrite: bool = True) -> Path:
         """Write the JSON file (NaN as ``null``); reading it back with :func:`load` is exact."""

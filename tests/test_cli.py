@@ -27,7 +27,8 @@ def test_attribute_writes_json_html_and_prints_heatmaps(model_dir, tmp_path, cap
     json_path, html_path = tmp_path / "out.json", tmp_path / "sub" / "out.html"
     code = main(["attribute", "the cat is in the", "a dog", "--model", model_dir, "--max-new-tokens", "3",
                  "--method", "integrated_gradients", "--method-arg", "n_steps=4", "--method-arg", "method=riemann_left",
-                 "--step-scores", "probability", "entropy", "--output", str(json_path), "--html", str(html_path)])
+                 "--step-scores", "probability", "entropy", "--output", str(json_path), "--html", str(html_path),
+                 "--png", str(tmp_path / "fig.png")])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     out = distattr.load(json_path)
@@ -42,6 +43,9 @@ def test_attribute_writes_json_html_and_prints_heatmaps(model_dir, tmp_path, cap
     assert page.startswith("<!DOCTYPE html>") and "https://" not in page and "entropy" in page
     assert "Example 1 · Target" in captured.out and "probability" in captured.out
     assert f"Saved the result to {json_path}" in captured.err
+    figures = [tmp_path / "fig-0.png", tmp_path / "fig-1.png"]  # one per input
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in figures)
+    assert f"Wrote {figures[0]}, {figures[1]}" in captured.err
 
 
 def test_attribute_options_reach_the_library(model_dir, tmp_path, capsys):

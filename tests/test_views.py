@@ -216,4 +216,78 @@ def test_html_escapes_info_texts():
     out = AttributionOutput((decoder_only(),), info={"input_texts": ["a <script>alert(1)</script> & b"],
                                                      "model_name": "m<1>", "attribution_method": "saliency"})
     page = render_html(out)
-    assert "<script>" not in page and "&lt;script&gt;" in page and "m&lt;1&gt;" in page
+    assert "<script>alert" not in page and "&lt;script&gt;" in page and "m&lt;1&gt;" in page
+    assert page.count("<script") == 1  # the page's own inline script only
+
+
+def with_layers(seed=5, n_layers=3) -> SequenceAttribution:
+    """A decoder-only example with an extra ``layer`` dim, some scores negative."""
+    base = decoder_only(seed=seed)
+    rng = np.random.default_rng(seed)
+    scores = np.repeat(base.target_attributions[..., None], n_layers, axis=-1)
+    scores = scores * rng.uniform(-1.0, 2.0, size=scores.shape).astype(np.float32)
+    return SequenceAttribution(base.source_tokens, base.target_tokens, base.source_ids, base.target_ids, None,
+                               scores.astype(np.float32), base.step_scores, base.attr_pos_start,
+                               base.attr_pos_end, dims=("layer",),
+                               dim_labels=(tuple(f"L{i}" for i in range(n_layers)),))
+
+
+def score_cells(page: str):
+    """``(attrs, text)`` of every attribution cell with a value, table by table, row by row."""
+    return [(attrs, text) for table in parse(page).tables for row in table[1:] for tag, attrs, text in row
+            if tag == "td" and "data-r" in attrs]
+
+
+@pytest.mark.parametrize("normalize,rescale,mode", [(True, False, "normalized"), (False, True, "rescaled"),
+                                                    (False, False, "raw")])
+def test_html_cells_carry_raw_and_normalized_scores_for_the_switch(normalize, rescale, mode):
+    seq = with_layers()
+    page = render_html(AttributionOutput((seq,)), normalize=normalize, rescale=rescale)
+    assert f'data-mode="{mode}"' in page and '<button type="button" data-mode="raw"' in page
+    shown = seq.aggregate(normalize=normalize, rescale=rescale).target_attributions
+    raw = seq.aggregate(normalize=False).target_attributions  # extra dims averaged, not normalised
+    norm = seq.aggregate().target_attributions
+    cells = score_cells(page)
+    finite = ~np.isnan(raw.T)  # cells are listed row by row: transpose to walk [token, step] in that order
+    assert len(cells) == int(finite.sum())
+    for (attrs, text), r, n, s in zip(cells, raw[~np.isnan(raw)], norm[~np.isnan(norm)], shown[~np.isnan(shown)],
+                                      strict=True):
+        assert np.float32(attrs["data-r"]) == r and np.float32(attrs["data-n"]) == n
+        lines = attrs["title"].split("\n")
+        assert np.float32(lines[0]) == s and text == f"{s:.3f}".replace("-0.000", "0.000")
+        assert (np.float32(lines[2].removeprefix("raw ")) == r) if mode != "raw" else len(lines) == 2
+    for name in ("normalized", "rescaled", "raw"):  # colour limit of every display, for the switch
+        assert f"data-limit-{name}=" in page
+    peak = float(np.nanmax(np.abs(raw)))
+    assert f'data-peak="{str(np.float32(peak))}"' in page
+
+
+def test_html_fragment_for_notebooks_is_scoped():
+    out = AttributionOutput((decoder_only(), encoder_decoder()))
+    fragment = out._repr_html_()
+    assert fragment.startswith('<div class="distattr"') and fragment.rstrip().endswith("</div>")
+    for banned in ("<html", "<body", "<!DOCTYPE", "<h1", "http"):
+        assert banned not in fragment
+    css = fragment[fragment.index("<style>") + 7:fragment.index("</style>")]
+    selectors = [rule.split("{")[0].strip() for rule in css.split("}") if "{" in rule]
+    assert selectors and all(part.strip().startswith(".distattr") for sel in selectors for part in sel.split(","))
+    assert fragment in render_html(out).replace("<h1>distattr attributions</h1>\n", "")  # + heading, document
+    assert out[1]._repr_html_().count("<table") == 2  # one example: source and target
+
+
+def test_html_long_generations_use_compact_tables():
+    tokens = ["<s>", "a"] + [f"w{i}" for i in range(60)]
+    long_page = render_html(AttributionOutput((decoder_only(tokens, n_prompt=2),)))
+    assert '<table class="heatmap compact">' in long_page and 'class="numbers"' in long_page
+    short_page = render_html(AttributionOutput((decoder_only(),)))
+    assert "heatmap compact" not in short_page and 'class="numbers"' not in short_page
+    for page in (long_page, short_page):
+        assert "http" not in page and parse(page).refs == []
+
+
+def test_console_caption_gives_the_colour_scale():
+    out = AttributionOutput((decoder_only(), encoder_decoder()))
+    limit = color_limit(out.aggregate().sequences)
+    text = " ".join(record(out, width=200).split())
+    assert f"colours {-limit:.3g} … {limit:.3g}" in text
+    assert text.count("colours") == 3  # under each block's last table

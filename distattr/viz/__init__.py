@@ -1,1 +1,2 @@
-"""Views of results: console heatmaps, self-contained HTML, progress bars."""
+"""Views of results: console heatmaps (rich), self-contained HTML and notebook fragments, matplotlib figures
+(``plot``, optional ``viz`` extra), progress bars."""

@@ -4,7 +4,8 @@ One table per block (source, then target) of each example: rows are the attribut
 generated tokens (headed by their target position), step scores are extra rows at the bottom (bold when
 ``|v| >= 0.5``). Values have 2 decimals, NaN cells are blank and each value is coloured on a symmetric
 coolwarm scale ``[-m, m]``, ``m = max(0, nanmax)`` over every example shown (red positive, blue negative).
-Columns that do not fit the console width are split over several tables.
+Columns that do not fit the console width are split over several tables; the last table's caption gives
+the colour scale.
 """
 
 from __future__ import annotations
@@ -103,6 +104,15 @@ def heatmap_tables(block: Block, limit: float, width: int, title: str = "") -> l
     return tables
 
 
+def _caption(limit: float) -> Text:
+    """What the axes are, and the colour scale (blue ``-limit`` to red ``+limit``)."""
+    caption = Text("→ generated tokens, ↓ attributed tokens · colours ", style="dim")
+    caption.append(f"{-limit:.3g}", style=Style(color=Color.from_rgb(*COOLWARM[0])))
+    caption.append(" … ", style="dim")
+    caption.append(f"{limit:.3g}", style=Style(color=Color.from_rgb(*COOLWARM[-1])))
+    return caption
+
+
 def _table(block: Block, chunk: list[int], col_widths, index_width, label_width, cells, step_cells, limit,
            title: str, last: bool) -> Table:
     columns = [Column(header=Text(""), justify="right", width=index_width, no_wrap=True),
@@ -112,7 +122,7 @@ def _table(block: Block, chunk: list[int], col_widths, index_width, label_width,
         header.append(token_label(block.columns[c]), style="bold")
         columns.append(Column(header=header, justify="center", width=col_widths[c], overflow="fold"))
     table = Table(*columns, title=Text(title) if title else None, box=box.HEAVY_HEAD, padding=(0, 1),
-                  caption=Text("→ generated tokens, ↓ attributed tokens", style="dim") if last else None)
+                  caption=_caption(limit) if last else None)
     if block.scores is not None:
         n_rows = block.scores.shape[0]
         for r in range(n_rows):
