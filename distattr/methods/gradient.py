@@ -23,6 +23,8 @@ or ``sum``) before anything leaves it.
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +42,10 @@ from .base import (
     reduce_hidden,
 )
 from .rows import Piece, Unit, pack, plan_units
+
+# Step slots per batched backward: at most this many times the token budget in (slots x batch tokens), which
+# bounds the backward's transient gradient memory (activations saved by the forward are not duplicated).
+VJP_TOKEN_FACTOR = 8
 
 
 @dataclass(frozen=True)
@@ -183,7 +189,8 @@ def _unit_ids(req: Request, units: list[Unit], rows: _Rows, side: str):
 
 def _run_batch(req: Request, path: Path, layer: LayerTarget | None, units: list[Unit], batch: list[Piece],
                accumulators: dict[int, _Accumulator], outputs: list, sums: list[torch.Tensor]) -> None:
-    """One forward over the batch's rows, then one backward per step slot; results go to the units."""
+    """One forward over the batch's rows, then the backward of every step slot, several slots per batched
+    (``vmap``) backward; results go to the units."""
     adapter = req.adapter
     device = adapter.embedding.weight.device
     rows = _expand(batch, path, device)
@@ -229,23 +236,77 @@ def _run_batch(req: Request, path: Path, layer: LayerTarget | None, units: list[
     model_rows = RowInputs(**inputs)
     try:
         with torch.enable_grad():
-            logits = adapter.forward(model_rows, scored).logits
-            rerun = dropout_rerun(adapter, model_rows, scored)
-            f = check_differentiable(req.target_fn(logits, Picks.gather(entries), rerun))
+            with _recorded_head_inputs(adapter) as head_inputs:
+                logits = adapter.forward(model_rows, scored).logits
+                rerun = dropout_rerun(adapter, model_rows, scored)
+                f = check_differentiable(req.target_fn(logits, Picks.gather(entries), rerun))
+            del logits
+            output, entry_rows, entry_cotangents = _backward_start(f, head_inputs, scored)
             slot = torch.tensor(slot_of, device=f.device)
+            del f
             n_slots = int(slot.max()) + 1
+            batch_tokens = scored.numel() + (inputs["source_mask"].numel() if "source_mask" in inputs else 0)
+            group = max(1, min(n_slots, VJP_TOKEN_FACTOR * req.token_budget // max(batch_tokens, 1)))
             names = list(leaves)
-            for k in range(n_slots):  # one vector-Jacobian product per step slot, all rows at once
-                grads = torch.autograd.grad(f[slot == k].sum(), [leaves[n] for n in names],
-                                            retain_graph=k < n_slots - 1, allow_unused=True)
-                _accumulate(req, path, units, batch, rows, k, dict(zip(names, grads, strict=True)),
-                            multipliers, accumulators, outputs, sums)
+            for first in range(0, n_slots, group):  # several step slots per backward, batched with vmap
+                slots = range(first, min(n_slots, first + group))
+                cotangents = output.new_zeros((len(slots), *output.shape))
+                chosen = (slot >= first) & (slot < first + len(slots))
+                cotangents[slot[chosen] - first, entry_rows[chosen]] = entry_cotangents[chosen].to(output.dtype)
+                with warnings.catch_warnings():  # ops without a batching rule loop over slots: still exact
+                    warnings.filterwarnings("ignore", message=".*performance drop.*")
+                    grads = torch.autograd.grad(output, [leaves[n] for n in names], grad_outputs=cotangents,
+                                                retain_graph=slots[-1] < n_slots - 1, allow_unused=True,
+                                                is_grads_batched=True)
+                for i, k in enumerate(slots):
+                    step_grads = {n: None if g is None else g[i] for n, g in zip(names, grads, strict=True)}
+                    _accumulate(req, path, units, batch, rows, k, step_grads, multipliers, accumulators, outputs,
+                                sums)
     finally:
         for h in hooks:
             h.remove()
     for u in rows.units:
         if accumulators[u].remaining == 0:
             del accumulators[u]
+
+
+@contextmanager
+def _recorded_head_inputs(adapter):
+    """Record every input of the model's LM head (output embeddings) during the block."""
+    head = adapter.model.get_output_embeddings()
+    recorded: list[torch.Tensor] = []
+    if head is None:
+        yield recorded
+        return
+    handle = head.register_forward_pre_hook(lambda module, args: recorded.append(args[0]))
+    try:
+        yield recorded
+    finally:
+        handle.remove()
+
+
+def _backward_start(f: torch.Tensor, head_inputs: list[torch.Tensor], scored: torch.Tensor):
+    """Where the per-step backwards start: ``(output [M, *r], entry_rows [K], entry_cotangents [K, *r])``.
+
+    Entry ``i`` of ``f [K]`` (one scored position) back-propagates ``entry_cotangents[i]`` from row
+    ``entry_rows[i]`` of ``output``. When the LM head ran once, ``f_i`` depends on row ``i`` of the head's input
+    only (an attributed function maps each position's logits to that position's score), so one cheap backward
+    through the head gives every ``df_i/dh_i`` and the batched step backwards start from the hidden states:
+    their cotangents are ``[M, d]`` instead of ``[K, V]`` over the vocabulary. Otherwise (MC dropout reruns the
+    model) they start from ``f`` itself with one-hot cotangents.
+    """
+    if len(head_inputs) == 1 and head_inputs[0].requires_grad:
+        hidden = head_inputs[0]
+        positions = hidden.shape[:-1].numel()
+        if positions in (len(f), scored.numel()):
+            (grad,) = torch.autograd.grad(f.sum(), hidden)  # frees the head's graph, keeps the model's
+            output = hidden.reshape(positions, hidden.shape[-1])
+            if positions == len(f):
+                rows = torch.arange(len(f), device=f.device)
+            else:  # the model projected every position: the scored ones are the entries, in order
+                rows = scored.reshape(-1).nonzero().squeeze(-1).to(f.device)
+            return output, rows, grad.reshape(positions, -1)[rows]
+    return f.reshape(-1, 1), torch.arange(len(f), device=f.device), torch.ones_like(f).reshape(-1, 1)
 
 
 def _layer_activations(adapter, module: nn.Module, inputs: dict, baseline_inputs: dict):

@@ -3,7 +3,8 @@
 A *unit* is one example and a run of consecutive target steps ``t0 .. t1-1``. Its decoder row holds the
 tokens ``0 .. t1-2`` (everything those steps condition on); the logits of step ``t`` are read at position
 ``t - 1``. One forward of the row serves all its steps, then one backward per step (vector-Jacobian
-product) gives that step's gradient. With one step per unit this is a batch of stacked prefixes
+product) gives that step's gradient; these backwards run several at a time, as one batched (``vmap``)
+backward over the saved forward. With one step per unit this is a batch of stacked prefixes
 (Inseq's loop, batched); with all steps in one unit it is a single teacher-forced forward followed by
 per-target backwards. :func:`plan_units` picks the run length that minimises the work.
 
@@ -18,11 +19,13 @@ from dataclasses import dataclass
 
 from .base import Example
 
-# Backward cost of a row relative to its forward, parameters frozen (only input gradients flow). Measured
-# on SmolLM2-135M on a 2-core CPU (32 steps after a 21-token prompt): saliency took 6.3 s with one step per
-# row, 3.7 s with 4, 4.0 s with 8, 4.7 s with 16 and 6.2 s with all 32; integrated gradients (50 points)
-# 196 s, 141 s, 129 s and 148 s with 1, 4, 8 and 16. A ratio of 2 puts the model's optimum at 4-8.
-BACKWARD_TO_FORWARD = 2.0
+# Cost of a row's backward relative to its forward, per token, parameters frozen (only input gradients flow):
+# measured 0.84-1.06 on SmolLM2-135M on a 2-core CPU (50 rows x 30 tokens and 10 x 30, LM head at one position).
+BACKWARD_TO_FORWARD = 1.0
+# Fixed cost of one forward pass in token-equivalents: every weight is read once per pass, which dominates for
+# short batches on a CPU. The step backwards of a unit are batched (several steps per pass), so only the
+# forward pays it per unit.
+PASS_OVERHEAD_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ class Unit:
 
 def unit_cost(length: int, n_steps: int) -> float:
     """Token-passes of one unit: a forward of ``length`` tokens plus ``n_steps`` backwards over it."""
-    return length * (1.0 + BACKWARD_TO_FORWARD * n_steps)
+    return length + PASS_OVERHEAD_TOKENS + BACKWARD_TO_FORWARD * n_steps * length
 
 
 def split_steps(example: Example, width: int) -> list[tuple[int, ...]]:

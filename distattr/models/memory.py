@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import torch
 
-CPU_ACTIVATION_BUDGET = 384 * 2**20  # bytes; small batches are also faster on a CPU (cache locality)
+# On a CPU the saved activations of a batch may take this share of the model's weight memory: an attribution
+# then needs little more memory than the model itself (SmolLM2-135M in float32: 108 MB, i.e. 64 tokens; its
+# peak stays below Inseq's batch-of-one loop). The step backwards are batched over several steps, so small
+# forward batches stay efficient; a larger ``token_budget`` is faster for methods with many rows per step
+# (integrated gradients on SmolLM2: 2.75 s per token at 256 tokens against 3.49 s at 64, 1.4 GB peak).
+CPU_ACTIVATION_SHARE_OF_WEIGHTS = 0.2
 GPU_ACTIVATION_SHARE = 0.25  # of the device's total memory
 
 
@@ -26,9 +31,11 @@ def activation_bytes_per_token(config, dtype: torch.dtype) -> int:
 
 
 def default_token_budget(model: torch.nn.Module) -> int:
-    """Tokens per batch so that saved activations stay within the device's share (CPU: 384 MiB)."""
+    """Tokens per batch so that saved activations stay within the device's share (CPU: a fifth of the
+    weights' bytes; GPU: a quarter of the device's memory)."""
     param = next(model.parameters())
-    budget = CPU_ACTIVATION_BUDGET
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    budget = int(weight_bytes * CPU_ACTIVATION_SHARE_OF_WEIGHTS)
     if param.device.type == "cuda":
         budget = int(torch.cuda.get_device_properties(param.device).total_memory * GPU_ACTIVATION_SHARE)
     per_token = activation_bytes_per_token(model.config, param.dtype if param.is_floating_point() else torch.float32)
