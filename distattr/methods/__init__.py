@@ -17,7 +17,10 @@ from .base import MethodOutput, Request
 from .captum_methods import deeplift_attribution
 from .gradient import LayerTarget, Path, gradient_attribution
 from .internals import attention_attribution
+from .lime import LimeArgs, run_lime
 from .perturbation import occlusion_attribution
+from .reagent import ReagentArgs, run_reagent
+from .value_zeroing import ValueZeroingArgs, value_zeroing_attribution
 
 
 @dataclass(frozen=True)
@@ -197,6 +200,12 @@ METHODS: dict[str, Method] = {
     "attention": Method(run_attention, NoArgs, "internals", "attention weights of every layer and head"),
     "occlusion": Method(run_occlusion, OcclusionArgs, "perturbation",
                         "|f(x) - f(x with one token replaced by its baseline)| (Zeiler & Fergus 2014)"),
+    "value_zeroing": Method(value_zeroing_attribution, ValueZeroingArgs, "internals",
+                            "1 - cos of each layer's output with a token's values zeroed (Mohebbi et al. 2023)"),
+    "lime": Method(run_lime, LimeArgs, "perturbation",
+                   "kernel-weighted ridge on random token masks, one surrogate per step (Ribeiro et al. 2016)"),
+    "reagent": Method(run_reagent, ReagentArgs, "perturbation",
+                      "recursive random token replacement until the top tokens keep the prediction (Zhao & Shan 2024)"),
 }
 
 
