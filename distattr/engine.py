@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import alignment
 from . import methods as method_registry
 from .methods.base import Example, MethodOutput, Picks, Request
 from .models.adapters import Adapter, dropout_rerun, id_rows
@@ -45,7 +46,8 @@ class AttributeConfig:
     include_eos_baseline: bool = False
     contrast_targets: tuple[str, ...] | None = None
     contrast_sources: tuple[str, ...] | None = None
-    contrast_targets_alignments: tuple | None = None
+    contrast_targets_alignments: tuple | str | None = None
+    contrast_alignment_model: str | alignment.Embedder | None = None  # "auto": see alignment.get_embedder
     contrast_force_inputs: bool = False
     hidden_reduction: str = "vnorm"
     token_budget: int | None = None  # None: distattr.models.memory.default_token_budget
@@ -281,20 +283,29 @@ def prepare(loaded: LoadedModel, texts, generated_texts, cfg: AttributeConfig) -
     return Prepared(examples=examples, source_ids=source_ids, generated_texts=targets, contrast=contrast_info)
 
 
-def _per_example_alignments(alignments, n: int) -> list[list | None]:
+def _per_example_alignments(alignments, n: int) -> list[list | str | None]:
+    """One alignment per input: a list of pairs, ``"auto"`` (resolved in :func:`_contrast_for`) or None."""
     if alignments is None:
         return [None] * n
     if isinstance(alignments, str):
-        raise ValueError(f"contrast_targets_alignments={alignments!r} is not supported yet; give index pairs")
+        return [_alignment_method(alignments)] * n
     items = list(alignments)
     if items and all(isinstance(p, list | tuple) and len(p) == 2 and all(isinstance(x, int) for x in p)
                      for p in items):
         return [[tuple(p) for p in items]] * n
     if len(items) != n:
         raise ValueError(
-            "contrast_targets_alignments: give one list of (target, contrast) index pairs, or one list per input"
+            "contrast_targets_alignments: give one list of (target, contrast) index pairs, 'auto', or one of "
+            "those per input"
         )
-    return [[tuple(p) for p in per] for per in items]
+    return [_alignment_method(per) if isinstance(per, str) else [tuple(p) for p in per] for per in items]
+
+
+def _alignment_method(name: str) -> str:
+    if name not in alignment.ALIGNMENT_METHODS:
+        raise ValueError(f"Unknown contrast_targets_alignments method {name!r}; available: "
+                         f"{', '.join(alignment.ALIGNMENT_METHODS)}, or (target, contrast) index pairs")
+    return name
 
 
 def _contrast_for(loaded: LoadedModel, i: int, target_ids: list[int], source_ids: list[int], cfg: AttributeConfig,
@@ -313,6 +324,8 @@ def _contrast_for(loaded: LoadedModel, i: int, target_ids: list[int], source_ids
     else:
         c_ids = list(target_ids)
     c_src = _encode(tokenizer, cfg.contrast_sources[i], add_special) if cfg.contrast_sources is not None else source_ids
+    if isinstance(pairs, str):  # "auto": one pair per target position, by embedding similarity
+        pairs = alignment.auto_align(model, tokenizer, target_ids, c_ids, cfg.contrast_alignment_model)
     if pairs:
         for o, c in pairs:
             if not (0 <= o < len(target_ids) and 0 <= c < len(c_ids)):
@@ -462,6 +475,14 @@ def assemble(loaded: LoadedModel, prepared: Prepared, outputs: list[MethodOutput
     return sequences
 
 
+def _alignment_info(prepared: Prepared) -> list[list[list[int]] | None] | None:
+    """Per input, the ``[target position, contrast position]`` used at each attributed step (None: no contrast)."""
+    if all(c is None for c in prepared.contrast):
+        return None
+    return [None if c is None else [[t, p] for t, p in enumerate(c["positions"].tolist(), start=ex.start)]
+            for ex, c in zip(prepared.examples, prepared.contrast, strict=True)]
+
+
 def attribute(loaded: LoadedModel, adapter: Adapter, texts, generated_texts, cfg: AttributeConfig,
               progress=None) -> AttributionOutput:
     """Run the whole pipeline; ``progress(total_steps)`` returns an ``on_progress(steps, tokens)`` callback."""
@@ -506,6 +527,7 @@ def attribute(loaded: LoadedModel, adapter: Adapter, texts, generated_texts, cfg
         "hidden_reduction": cfg.hidden_reduction,
         "contrast_targets": list(cfg.contrast_targets) if cfg.contrast_targets else None,
         "contrast_sources": list(cfg.contrast_sources) if cfg.contrast_sources else None,
+        "contrast_alignments": _alignment_info(prepared),
         "timing": {"prepare_s": generated_at - started, "attribute_s": finished - generated_at,
                    "total_s": finished - started},
         "attributed_steps": total_steps,

@@ -436,7 +436,10 @@ def test_unknown_step_scores_need_a_rule_only_when_steps_merge():
     assert Spans(target=(0, 2))(seq).step_scores["my_score"].shape == (11,)  # prompt only: no step merges
 
 
-def test_a_registered_step_function_brings_its_merge_rule():
+def test_a_registered_step_function_brings_its_merge_rule(monkeypatch):
+    from distattr import steps
+
+    monkeypatch.setattr(steps, "STEP_FUNCTIONS", dict(steps.STEP_FUNCTIONS))  # keep the registry clean for others
     distattr.register_step_function(lambda ctx: ctx.logits.max(-1).values, "test_agg_max_logit", merge="max",
                                     overwrite=True)
     seq = dataclasses.replace(gpt2_seq(step_scores=()), step_scores={
