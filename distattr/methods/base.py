@@ -69,6 +69,10 @@ class Picks:
         return Picks(targets, contrast, logits)
 
 
+# A forward kept for backward saves ~16 hidden-size vectors per token and layer (models/memory.py); one without
+# gradients holds about two at a time, for one layer, but also the scored logits ([K, V], the vocabulary).
+NO_GRAD_BUDGET_FACTOR = 4
+
 # f(logits [K, V], picks, rerun) -> [K]; rerun() recomputes the logits with dropout on
 TargetFn = Callable[[torch.Tensor, Picks, "Callable | None"], torch.Tensor]
 
@@ -93,6 +97,13 @@ class Request:
     token_budget: int = 256
     steps_per_row: int | None = None
     on_progress: Callable[[int, int], None] | None = None
+
+    @property
+    def inference_token_budget(self) -> int:
+        """Tokens per batch for forwards without gradients (perturbation methods): they keep no activations
+        for a backward, only one layer's transients at a time, so they take ``NO_GRAD_BUDGET_FACTOR`` times
+        the rows of ``token_budget``."""
+        return self.token_budget * NO_GRAD_BUDGET_FACTOR
 
 
 @dataclass(frozen=True)

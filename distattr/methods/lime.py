@@ -166,7 +166,7 @@ def repeat_picks(picks: Picks, times: int) -> Picks:
 def forward_rows(req: Request, rows: list[Row], reduce: Callable[[torch.Tensor, list[int]], torch.Tensor]
                  ) -> torch.Tensor:
     """Run id rows ``(decoder ids, encoder ids or None, scored positions)`` in batches of at most
-    ``req.token_budget`` padded tokens (rows sorted by length); ``reduce(logits [K, V], chunk)`` turns
+    ``req.inference_token_budget`` padded tokens (rows sorted by length); ``reduce(logits [K, V], chunk)`` turns
     the scored logits of the rows ``chunk`` (indices into ``rows``) into ``[K]`` values. Returns the
     values of all rows' scored positions, in row order (positions ascending within a row)."""
     enc_dec = req.adapter.is_encoder_decoder
@@ -177,7 +177,7 @@ def forward_rows(req: Request, rows: list[Row], reduce: Callable[[torch.Tensor, 
     with torch.no_grad():
         while first < len(order):
             last = first + 1
-            while last < len(order) and (last - first + 1) * sizes[order[last]] <= req.token_budget:
+            while last < len(order) and (last - first + 1) * sizes[order[last]] <= req.inference_token_budget:
                 last += 1
             chunk = order[first:last]
             model_rows, scored = id_rows(req.adapter, [rows[r] for r in chunk])

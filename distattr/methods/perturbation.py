@@ -78,7 +78,7 @@ def _score_rows(req: Request, ex, rows: list[_Occluded]) -> torch.Tensor:
     adapter = req.adapter
     length = ex.end - 1
     row_tokens = length + (len(ex.source_ids) if adapter.is_encoder_decoder else 0)
-    per_batch = max(1, req.token_budget // max(row_tokens, 1))
+    per_batch = max(1, req.inference_token_budget // max(row_tokens, 1))
     picks = Picks.gather([(ex, t) for t in range(ex.start, ex.end)])
     positions = torch.arange(ex.start - 1, length)
     scores = []
