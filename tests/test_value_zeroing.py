@@ -24,19 +24,13 @@ from distattr.methods.value_zeroing import ARCHITECTURES, ValueZeroingArgs, pars
 inseq = pytest.importorskip("inseq")
 
 logging.getLogger("inseq").setLevel(logging.ERROR)
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_thread")]
 
 PROMPT = "the cat is located in the city of"
 ENC_DEC = ("t5", "bart")
 REL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
