@@ -48,6 +48,16 @@ class IntegratedGradientsArgs:
 
 
 @dataclass(frozen=True)
+class SequentialIntegratedGradientsArgs:
+    """``n_steps`` path points per token; ``method``: Captum quadrature; ``internal_batch_size``: most path rows
+    per batch (None: the token budget decides)."""
+
+    n_steps: int = 50
+    method: str = "gausslegendre"
+    internal_batch_size: int | None = None
+
+
+@dataclass(frozen=True)
 class GradientShapArgs:
     """``n_samples`` random points per step, Gaussian input noise ``stdevs``, ``seed`` for reproducibility."""
 
@@ -125,6 +135,11 @@ def run_integrated_gradients(req: Request, args: IntegratedGradientsArgs) -> lis
                                 convergence_delta=args.return_convergence_delta)
 
 
+def run_sequential_integrated_gradients(req: Request, args: SequentialIntegratedGradientsArgs) -> list[MethodOutput]:
+    path = dataclasses.replace(_ig_path(args), per_position=True)
+    return gradient_attribution(_budget(req, args.internal_batch_size), path)
+
+
 def run_gradient_shap(req: Request, args: GradientShapArgs) -> list[MethodOutput]:
     if args.n_samples < 1:
         raise ValueError("n_samples must be at least 1")
@@ -189,6 +204,9 @@ METHODS: dict[str, Method] = {
     "input_x_gradient": Method(run_input_x_gradient, NoArgs, "gradient", "x * df/dx"),
     "integrated_gradients": Method(run_integrated_gradients, IntegratedGradientsArgs, "gradient",
                                    "path integral of gradients from the UNK baseline (Sundararajan et al. 2017)"),
+    "sequential_integrated_gradients": Method(
+        run_sequential_integrated_gradients, SequentialIntegratedGradientsArgs, "gradient",
+        "integrated gradients with one path per token, the others kept at the input (Enguehard 2023)"),
     "deeplift": Method(run_deeplift, NoArgs, "gradient", "DeepLIFT rescale rule via Captum (Shrikumar et al. 2017)"),
     "gradient_shap": Method(run_gradient_shap, GradientShapArgs, "gradient",
                             "expected gradients at random path points (Lundberg & Lee 2017)"),

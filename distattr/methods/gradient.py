@@ -53,7 +53,9 @@ class Path:
     """Points, weights and multiplier of a gradient method (one set per unit; see module doc).
 
     ``alphas``/``weights`` are ``[P]``; with ``random_alphas`` fresh alphas are drawn per unit from
-    ``generator`` (GradientSHAP). ``multiply`` is ``"none"``, ``"input"`` or ``"delta"``.
+    ``generator`` (GradientSHAP). ``multiply`` is ``"none"``, ``"input"`` or ``"delta"``. With
+    ``per_position`` (sequential IG) every attributed token gets its own path: only that token moves from
+    its baseline to its input, the others stay at the input, and only its own gradient is kept.
     """
 
     alphas: torch.Tensor
@@ -63,6 +65,7 @@ class Path:
     noise_std: float = 0.0
     random_alphas: bool = False
     generator: torch.Generator | None = None
+    per_position: bool = False
 
     @property
     def n_points(self) -> int:
@@ -114,10 +117,12 @@ def gradient_attribution(req: Request, path: Path, layer: LayerTarget | None = N
 
     units = plan_units(examples, req.steps_per_row)
     source_lens = [len(examples[u.example].source_ids) if enc_dec else 0 for u in units]
-    batches = pack(units, path.n_points, req.token_budget, source_lens)
+    counts = [path.n_points * len(_moved_tokens(req, unit)) if path.per_position else path.n_points
+              for unit in units]
+    batches = pack(units, counts, req.token_budget, source_lens)
     accumulators: dict[int, _Accumulator] = {}
     for batch in batches:
-        _run_batch(req, path, layer, units, batch, accumulators, outputs, sums)
+        _run_batch(req, path, layer, units, counts, batch, accumulators, outputs, sums)
         if req.on_progress is not None:
             finished = {p.unit for p in batch} - set(accumulators)
             req.on_progress(sum(len(units[u].steps) for u in finished),
@@ -129,6 +134,15 @@ def gradient_attribution(req: Request, path: Path, layer: LayerTarget | None = N
                      extra_labels=(layer.names,) if extra else ())
         for (s, t), d in zip(outputs, deltas, strict=True)
     ]
+
+
+def _moved_tokens(req: Request, unit: Unit) -> list[tuple[str, int]]:
+    """Sequential IG: the ``(side, position)`` tokens of ``unit`` that get a path of their own, in point order
+    (point ``q`` moves token ``q // n_points`` at path point ``q % n_points``)."""
+    ex = req.examples[unit.example]
+    sides = attributed_sides(req)
+    moved = [("source", j) for j in range(len(ex.source_ids))] if "source" in sides else []
+    return moved + ([("target", j) for j in range(unit.length)] if "target" in sides else [])
 
 
 def _alphas(path: Path, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,20 +173,25 @@ class _Rows:
     units: list[int]
     alpha: torch.Tensor
     weight: torch.Tensor
+    moved: list[tuple[str, int]] | None = None
 
 
-def _expand(batch: list[Piece], path: Path, device) -> _Rows:
-    unit, alphas, weights = [], [], []
+def _expand(req: Request, units_: list[Unit], batch: list[Piece], path: Path, device) -> _Rows:
+    unit, alphas, weights, moved = [], [], [], []
     for piece in batch:
         a, w = _alphas(path, len(piece.points), device)
-        index = list(piece.points)
+        index = [q % path.n_points for q in piece.points]
         alphas.append(a if path.random_alphas else a[index])
         weights.append(w[index])  # sliced for random paths too: a unit's samples may span batches
         unit += [piece.unit] * len(piece.points)
+        if path.per_position:
+            tokens = _moved_tokens(req, units_[piece.unit])
+            moved += [tokens[q // path.n_points] for q in piece.points]
     units = sorted(set(unit))
     position = {u: i for i, u in enumerate(units)}
     local = torch.tensor([position[u] for u in unit], device=device)
-    return _Rows(unit=unit, local=local, units=units, alpha=torch.cat(alphas), weight=torch.cat(weights))
+    return _Rows(unit=unit, local=local, units=units, alpha=torch.cat(alphas), weight=torch.cat(weights),
+                 moved=moved if path.per_position else None)
 
 
 def _unit_ids(req: Request, units: list[Unit], rows: _Rows, side: str):
@@ -187,13 +206,14 @@ def _unit_ids(req: Request, units: list[Unit], rows: _Rows, side: str):
     return _pad_stack(ids, width), _pad_stack(base, width), [len(i) for i in ids]
 
 
-def _run_batch(req: Request, path: Path, layer: LayerTarget | None, units: list[Unit], batch: list[Piece],
-               accumulators: dict[int, _Accumulator], outputs: list, sums: list[torch.Tensor]) -> None:
+def _run_batch(req: Request, path: Path, layer: LayerTarget | None, units: list[Unit], counts: list[int],
+               batch: list[Piece], accumulators: dict[int, _Accumulator], outputs: list,
+               sums: list[torch.Tensor]) -> None:
     """One forward over the batch's rows, then the backward of every step slot, several slots per batched
     (``vmap``) backward; results go to the units."""
     adapter = req.adapter
     device = adapter.embedding.weight.device
-    rows = _expand(batch, path, device)
+    rows = _expand(req, units, batch, path, device)
     sides = ["target", "source"] if adapter.is_encoder_decoder else ["target"]
     ids = {side: _unit_ids(req, units, rows, side) for side in sides}  # per unit, expanded to rows below
     inputs, leaves, multipliers, hooks = {}, {}, {}, []
@@ -211,9 +231,16 @@ def _run_batch(req: Request, path: Path, layer: LayerTarget | None, units: list[
             b = adapter.embed(ids[side][1], side)[rows.local]
             if path.noise_std > 0:
                 x = x + torch.randn(x.shape, generator=path.generator).to(x) * path.noise_std
-            z = (b + rows.alpha.view(-1, 1, 1).to(x.dtype) * (x - b)).detach().requires_grad_(True)
-            inputs[f"{side}_embeds"] = leaves[side] = z
+            z = b + rows.alpha.view(-1, 1, 1).to(x.dtype) * (x - b)
             multipliers[side] = {"none": None, "input": x, "delta": x - b}[path.multiply]
+            if rows.moved is not None:  # sequential IG: each row moves one token; only its gradient counts
+                mask = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device)
+                for r, (moved_side, position) in enumerate(rows.moved):
+                    if moved_side == side:
+                        mask[r, position] = 1.0
+                z = x + mask[..., None] * (z - x)
+                multipliers[side] = mask[..., None] * (x - b if multipliers[side] is None else multipliers[side])
+            inputs[f"{side}_embeds"] = leaves[side] = z.detach().requires_grad_(True)
     else:
         for side in sides:
             inputs[f"{side}_ids"] = ids[side][0][rows.local]
@@ -260,8 +287,8 @@ def _run_batch(req: Request, path: Path, layer: LayerTarget | None, units: list[
                                                 is_grads_batched=True)
                 for i, k in enumerate(slots):
                     step_grads = {n: None if g is None else g[i] for n, g in zip(names, grads, strict=True)}
-                    _accumulate(req, path, units, batch, rows, k, step_grads, multipliers, accumulators, outputs,
-                                sums)
+                    _accumulate(req, path, units, counts, batch, rows, k, step_grads, multipliers, accumulators,
+                                outputs, sums)
     finally:
         for h in hooks:
             h.remove()
@@ -342,13 +369,13 @@ def _layer_hook(index: int, side: str, leaves: dict, multipliers: dict, alpha: t
     return hook
 
 
-def _accumulate(req: Request, path: Path, units: list[Unit], batch: list[Piece], rows: _Rows, slot: int,
-                grads: dict, multipliers: dict, accumulators: dict[int, _Accumulator], outputs: list,
+def _accumulate(req: Request, path: Path, units: list[Unit], counts: list[int], batch: list[Piece], rows: _Rows,
+                slot: int, grads: dict, multipliers: dict, accumulators: dict[int, _Accumulator], outputs: list,
                 sums: list[torch.Tensor]) -> None:
     """Fold the gradients of step ``slot`` of every row into its unit; finish units whose points all ran."""
     for u in rows.units:
         if u not in accumulators:
-            accumulators[u] = _Accumulator(remaining=path.n_points, steps=[{} for _ in units[u].steps])
+            accumulators[u] = _Accumulator(remaining=counts[u], steps=[{} for _ in units[u].steps])
     for key, grad in grads.items():
         if grad is None:
             continue

@@ -78,23 +78,25 @@ class Piece:
 
 
 def pack(
-    units: list[Unit], n_points: int, token_budget: int, extra_tokens: list[int] | None = None
+    units: list[Unit], n_points: int | list[int], token_budget: int, extra_tokens: list[int] | None = None
 ) -> list[list[Piece]]:
     """Pack every (unit, point) row into batches of at most ``token_budget`` padded tokens.
 
     Units are visited longest first so that rows of similar length share a batch. A unit whose rows
     alone exceed the budget is split into pieces of points (their gradients are accumulated).
-    ``extra_tokens[u]`` adds per-row tokens (the encoder source) to unit ``u``'s cost.
+    ``extra_tokens[u]`` adds per-row tokens (the encoder source) to unit ``u``'s cost. ``n_points`` is the
+    number of rows of every unit, or of each unit.
     """
+    counts = n_points if isinstance(n_points, list) else [n_points] * len(units)
     order = sorted(range(len(units)), key=lambda u: -units[u].length)
     batches: list[list[Piece]] = []
     current: list[Piece] = []
     rows, width = 0, 0
     for u in order:
         row_len = units[u].length + (extra_tokens[u] if extra_tokens else 0)
-        per_piece = max(1, min(n_points, token_budget // max(row_len, 1)))
-        for first in range(0, n_points, per_piece):
-            points = tuple(range(first, min(n_points, first + per_piece)))
+        per_piece = max(1, min(counts[u], token_budget // max(row_len, 1)))
+        for first in range(0, counts[u], per_piece):
+            points = tuple(range(first, min(counts[u], first + per_piece)))
             new_width = max(width, row_len)
             if current and (rows + len(points)) * new_width > token_budget:
                 batches.append(current)
