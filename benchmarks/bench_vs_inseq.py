@@ -89,7 +89,8 @@ def _child(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     prompts = list(PROMPTS[: args.prompts])
-    method_args = {} if args.n_steps is None or args.method != "integrated_gradients" else {"n_steps": args.n_steps}
+    path_methods = ("integrated_gradients", "sequential_integrated_gradients")
+    method_args = {} if args.n_steps is None or args.method not in path_methods else {"n_steps": args.n_steps}
     t0 = time.perf_counter()
     if args.child == "inseq":
         run, loaded_rss = _inseq_runner(args, method_args)
