@@ -28,27 +28,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from bench_vs_inseq import MODEL, PROMPTS, WARMUP_PROMPT, generation_args  # noqa: E402
+from inseq_compat import value_zeroing_hook_factory  # noqa: E402
 
 
 def fix_inseq_value_zeroing() -> None:
     """Let Inseq's state-patching hook handle blocks that return a tensor (transformers 5)."""
     from inseq.attr.feat.ops.value_zeroing import ValueZeroing
 
-    original = ValueZeroing.get_states_extract_and_patch_hook
-
-    def get_hook(self, block_idx, hidden_state_idx=0):
-        tuple_hook = original(self, block_idx, hidden_state_idx)
-
-        def hook(module, args, output):
-            if isinstance(output, torch.Tensor):
-                self.corrupted_block_output_states[block_idx] = output.clone().float().detach().cpu()
-                return self.clean_block_output_states[block_idx].to(output.device)
-            return tuple_hook(module, args, output)
-
-        return hook
-
-    ValueZeroing.get_states_extract_and_patch_hook = get_hook
+    ValueZeroing.get_states_extract_and_patch_hook = value_zeroing_hook_factory(
+        ValueZeroing.get_states_extract_and_patch_hook)
 
 
 def main() -> int:

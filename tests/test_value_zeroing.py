@@ -16,6 +16,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from inseq_compat import value_zeroing_hook_factory
 from tiny import tiny_model
 
 import distattr
@@ -39,19 +40,7 @@ def fixed_inseq(monkeypatch):
     from inseq.attr.feat.ops.value_zeroing import ValueZeroing
     from inseq.models.model_config import MODEL_CONFIGS, ModelConfig
 
-    original = ValueZeroing.get_states_extract_and_patch_hook
-
-    def get_hook(self, block_idx, hidden_state_idx=0):
-        tuple_hook = original(self, block_idx, hidden_state_idx)
-
-        def hook(module, args, output):
-            if isinstance(output, torch.Tensor):
-                self.corrupted_block_output_states[block_idx] = output.clone().float().detach().cpu()
-                return self.clean_block_output_states[block_idx].to(output.device)
-            return tuple_hook(module, args, output)
-
-        return hook
-
+    get_hook = value_zeroing_hook_factory(ValueZeroing.get_states_extract_and_patch_hook)
     monkeypatch.setattr(ValueZeroing, "get_states_extract_and_patch_hook", get_hook)
     monkeypatch.setitem(MODEL_CONFIGS, "GPT2LMHeadModel",
                         ModelConfig(self_attention_module="attn", value_vector="value_states"))
