@@ -128,12 +128,14 @@ def _inseq_runner(args: argparse.Namespace, method_args: dict):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from distattr.methods import METHODS
     from distattr.models.embedded import converted_dir
 
     folder = converted_dir(MODEL)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     attr_model = inseq.load_model(model, args.method, tokenizer=tokenizer)
+    has_hidden_dim = METHODS[args.method].kind in ("gradient", "layer")
     batch_size = None if args.inseq_batch_size == 0 else args.inseq_batch_size
     rss = _maxrss_mib()
 
@@ -150,10 +152,10 @@ def _inseq_runner(args: argparse.Namespace, method_args: dict):
             sequences = attribute(texts, gen_args)
         result = []
         for seq in sequences:
-            raw = seq.target_attributions  # [n_tokens, n_generated, hidden], float32, NaN for future tokens
-            # gradient methods: [tokens, steps, hidden] -> L2 over hidden; occlusion is already [tokens, steps]
-            raw = raw.float()
-            matrix = (raw if raw.dim() == 2 else torch.linalg.vector_norm(raw, ord=2, dim=-1)).numpy()
+            raw = seq.target_attributions.float()  # NaN for future tokens
+            # gradient methods: [tokens, steps, hidden] -> L2 over hidden, as distattr reduces on the device;
+            # perturbation methods are [tokens, steps], internals [tokens, steps, layers(, heads)]: kept as they are
+            matrix = (torch.linalg.vector_norm(raw, ord=2, dim=-1) if has_hidden_dim else raw).numpy()
             result.append({
                 "matrix": matrix, "target_ids": [int(t.id) for t in seq.target],
                 "target_tokens": [t.token for t in seq.target],
