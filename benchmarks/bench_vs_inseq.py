@@ -89,7 +89,7 @@ def _child(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     prompts = list(PROMPTS[: args.prompts])
-    path_methods = ("integrated_gradients", "sequential_integrated_gradients")
+    path_methods = ("integrated_gradients", "sequential_integrated_gradients", "discretized_integrated_gradients")
     method_args = {} if args.n_steps is None or args.method not in path_methods else {"n_steps": args.n_steps}
     t0 = time.perf_counter()
     if args.child == "inseq":

@@ -439,14 +439,15 @@ def target_function(cfg: AttributeConfig):
     return fn
 
 
-def run_method(adapter: Adapter, prepared: Prepared, cfg: AttributeConfig, on_progress=None) -> list[MethodOutput]:
+def run_method(adapter: Adapter, prepared: Prepared, cfg: AttributeConfig, on_progress=None,
+               special_ids: frozenset[int] = frozenset()) -> list[MethodOutput]:
     spec = method_registry.get_method(cfg.method)
     args = method_registry.build_args(cfg.method, cfg.method_args)
     request = Request(
         adapter=adapter, examples=prepared.examples, target_fn=target_function(cfg),
         attribute_target=cfg.attribute_target or not adapter.is_encoder_decoder,
         hidden_reduction=cfg.hidden_reduction, token_budget=cfg.token_budget, steps_per_row=cfg.steps_per_row,
-        on_progress=on_progress,
+        on_progress=on_progress, special_ids=special_ids,
     )
     return spec.run(request, args)
 
@@ -505,7 +506,7 @@ def attribute(loaded: LoadedModel, adapter: Adapter, texts, generated_texts, cfg
     total_steps = sum(ex.n_steps for ex in prepared.examples)
     on_progress = progress(total_steps) if progress is not None else None
     try:
-        outputs = run_method(adapter, prepared, cfg, on_progress)
+        outputs = run_method(adapter, prepared, cfg, on_progress, frozenset(loaded.tokenizer.all_special_ids))
     finally:
         if on_progress is not None and hasattr(on_progress, "close"):
             on_progress.close()

@@ -213,6 +213,21 @@ def test_sequential_integrated_gradients_follow_the_definition():
             assert seq.target_attributions[j, c] == pytest.approx(expected, rel=1e-4, abs=1e-7), (j, t)
 
 
+@pytest.mark.parametrize(("kind", "attribute_target"), [(k, at) for k in TINY
+                                                     for at in ((True, False) if k in ENC_DEC else (True,))])
+def test_discretized_integrated_gradients_match_inseq(kind, attribute_target, tmp_path):
+    """Same anchors (k-NN by brute force here, scikit-learn's graph in Inseq), same monotonic paths, same sums.
+    Inseq caches its k-NN graph on disk by model name (the same for every tiny model): a fresh cache_dir each."""
+    args = {"n_steps": 6}
+    model, tok = tiny_model(kind)
+    ours = ours_attribute(model, tok, "discretized_integrated_gradients", PROMPT, max_new_tokens=4,
+                          **target_kw(kind, attribute_target), **args)
+    theirs = inseq_attribute(*tiny_model(kind), "discretized_integrated_gradients", PROMPT,
+                             ours.info["generated_texts"], load_args={"cache_dir": tmp_path},
+                             **target_kw(kind, attribute_target), **args)
+    compare(ours, theirs, what=f"{kind} discretized_integrated_gradients")
+
+
 @pytest.mark.parametrize("kind", ("gpt2", "t5"))
 def test_integrated_gradients_quadrature_matches_inseq(kind):
     """Another Captum quadrature and ``internal_batch_size`` (``method`` clashes with ``attribute(method=)`` on both

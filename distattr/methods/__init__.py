@@ -15,6 +15,7 @@ import torch
 
 from .base import MethodOutput, Request
 from .captum_methods import deeplift_attribution
+from .discretized_ig import DiscretizedIGArgs, PathBuilder
 from .gradient import LayerTarget, Path, gradient_attribution
 from .internals import attention_attribution
 from .lime import LimeArgs, run_lime
@@ -140,6 +141,14 @@ def run_sequential_integrated_gradients(req: Request, args: SequentialIntegrated
     return gradient_attribution(_budget(req, args.internal_batch_size), path)
 
 
+def run_discretized_integrated_gradients(req: Request, args: DiscretizedIGArgs) -> list[MethodOutput]:
+    adapter = req.adapter
+    builder = PathBuilder.build(adapter.embedding.weight * adapter.embed_scale, set(req.special_ids), args)
+    path = Path(alphas=torch.zeros(args.n_steps), weights=torch.ones(args.n_steps), multiply="step",
+                points=lambda ids, baseline: builder.points(ids.cpu(), baseline.cpu()))
+    return gradient_attribution(req, path)
+
+
 def run_gradient_shap(req: Request, args: GradientShapArgs) -> list[MethodOutput]:
     if args.n_samples < 1:
         raise ValueError("n_samples must be at least 1")
@@ -207,6 +216,9 @@ METHODS: dict[str, Method] = {
     "sequential_integrated_gradients": Method(
         run_sequential_integrated_gradients, SequentialIntegratedGradientsArgs, "gradient",
         "integrated gradients with one path per token, the others kept at the input (Enguehard 2023)"),
+    "discretized_integrated_gradients": Method(
+        run_discretized_integrated_gradients, DiscretizedIGArgs, "gradient",
+        "IG along monotonic paths through word embeddings (Sanyal & Ren 2021)"),
     "deeplift": Method(run_deeplift, NoArgs, "gradient", "DeepLIFT rescale rule via Captum (Shrikumar et al. 2017)"),
     "gradient_shap": Method(run_gradient_shap, GradientShapArgs, "gradient",
                             "expected gradients at random path points (Lundberg & Lee 2017)"),

@@ -87,6 +87,7 @@ class Request:
             default) or ``"sum"`` (signed; IG completeness holds for it).
         token_budget: most tokens (rows x padded length) in one forward/backward batch.
         steps_per_row: attribution steps sharing one forward (None: chosen by the cost model).
+        special_ids: the tokenizer's special token ids (discretized IG keeps their paths constant).
     """
 
     adapter: Adapter
@@ -97,6 +98,7 @@ class Request:
     token_budget: int = 256
     steps_per_row: int | None = None
     on_progress: Callable[[int, int], None] | None = None
+    special_ids: frozenset[int] = frozenset()
 
     @property
     def inference_token_budget(self) -> int:

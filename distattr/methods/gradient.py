@@ -24,6 +24,7 @@ or ``sum``) before anything leaves it.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -55,7 +56,9 @@ class Path:
     ``alphas``/``weights`` are ``[P]``; with ``random_alphas`` fresh alphas are drawn per unit from
     ``generator`` (GradientSHAP). ``multiply`` is ``"none"``, ``"input"`` or ``"delta"``. With
     ``per_position`` (sequential IG) every attributed token gets its own path: only that token moves from
-    its baseline to its input, the others stay at the input, and only its own gradient is kept.
+    its baseline to its input, the others stay at the input, and only its own gradient is kept. ``points``
+    (discretized IG) gives explicit path points instead of ``b + a (x - b)``: ``(ids, baseline ids) [U, L] ->
+    [U, P, L, d]``, with ``multiply="step"`` (the next point minus this one; zero after the last).
     """
 
     alphas: torch.Tensor
@@ -66,6 +69,7 @@ class Path:
     random_alphas: bool = False
     generator: torch.Generator | None = None
     per_position: bool = False
+    points: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     @property
     def n_points(self) -> int:
@@ -173,14 +177,16 @@ class _Rows:
     units: list[int]
     alpha: torch.Tensor
     weight: torch.Tensor
+    point: torch.Tensor
     moved: list[tuple[str, int]] | None = None
 
 
 def _expand(req: Request, units_: list[Unit], batch: list[Piece], path: Path, device) -> _Rows:
-    unit, alphas, weights, moved = [], [], [], []
+    unit, alphas, weights, moved, points = [], [], [], [], []
     for piece in batch:
         a, w = _alphas(path, len(piece.points), device)
         index = [q % path.n_points for q in piece.points]
+        points += index
         alphas.append(a if path.random_alphas else a[index])
         weights.append(w[index])  # sliced for random paths too: a unit's samples may span batches
         unit += [piece.unit] * len(piece.points)
@@ -191,7 +197,7 @@ def _expand(req: Request, units_: list[Unit], batch: list[Piece], path: Path, de
     position = {u: i for i, u in enumerate(units)}
     local = torch.tensor([position[u] for u in unit], device=device)
     return _Rows(unit=unit, local=local, units=units, alpha=torch.cat(alphas), weight=torch.cat(weights),
-                 moved=moved if path.per_position else None)
+                 point=torch.tensor(points, device=device), moved=moved if path.per_position else None)
 
 
 def _unit_ids(req: Request, units: list[Unit], rows: _Rows, side: str):
@@ -231,8 +237,14 @@ def _run_batch(req: Request, path: Path, layer: LayerTarget | None, units: list[
             b = adapter.embed(ids[side][1], side)[rows.local]
             if path.noise_std > 0:
                 x = x + torch.randn(x.shape, generator=path.generator).to(x) * path.noise_std
-            z = b + rows.alpha.view(-1, 1, 1).to(x.dtype) * (x - b)
-            multipliers[side] = {"none": None, "input": x, "delta": x - b}[path.multiply]
+            if path.points is None:
+                z = b + rows.alpha.view(-1, 1, 1).to(x.dtype) * (x - b)
+                multipliers[side] = {"none": None, "input": x, "delta": x - b}[path.multiply]
+            else:
+                points = path.points(ids[side][0], ids[side][1]).to(x)  # [U, P, L, d], per unit of the batch
+                following = (rows.point + 1).clamp(max=path.n_points - 1)
+                z = points[rows.local, rows.point]
+                multipliers[side] = points[rows.local, following] - z
             if rows.moved is not None:  # sequential IG: each row moves one token; only its gradient counts
                 mask = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device)
                 for r, (moved_side, position) in enumerate(rows.moved):
