@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+KNN_BLOCK_ROWS = 1024  # vocabulary rows per block of the k-NN search: a [1024, V] float32 distance matrix
+
 
 @dataclass(frozen=True)
 class DiscretizedIGArgs:
@@ -75,12 +77,15 @@ class PathBuilder:
 
     @classmethod
     def build(cls, embeddings: torch.Tensor, special: set[int], args: DiscretizedIGArgs) -> PathBuilder:
-        table = embeddings.detach().float().cpu()
+        table = embeddings.detach().float()
         k = min(args.n_neighbors, len(table) - 1)
-        distances = torch.cdist(table, table)
-        distances.fill_diagonal_(float("inf"))
-        neighbors = distances.topk(k, largest=False).indices  # sorted, nearest first
-        return cls(table, frozenset(special), args.n_steps, args.strategy, neighbors)
+        blocks = []
+        for first in range(0, len(table), KNN_BLOCK_ROWS):  # [block, V] distances at a time, never [V, V]
+            distances = torch.cdist(table[first : first + KNN_BLOCK_ROWS], table)
+            rows = torch.arange(len(distances), device=table.device)
+            distances[rows, rows + first] = float("inf")  # not its own neighbour
+            blocks.append(distances.topk(k, largest=False).indices.cpu())  # sorted, nearest first
+        return cls(table.cpu(), frozenset(special), args.n_steps, args.strategy, torch.cat(blocks))
 
     def path(self, token: int, baseline: int) -> torch.Tensor:
         """``[n_steps, d]``: the baseline's embedding first, the token's last."""
