@@ -15,7 +15,7 @@ import torch
 
 from .base import MethodOutput, Request
 from .captum_methods import deeplift_attribution
-from .discretized_ig import DiscretizedIGArgs, PathBuilder
+from .discretized_ig import DiscretizedIGArgs, cached_builder
 from .gradient import LayerTarget, Path, gradient_attribution
 from .internals import attention_attribution
 from .lime import LimeArgs, run_lime
@@ -143,7 +143,7 @@ def run_sequential_integrated_gradients(req: Request, args: SequentialIntegrated
 
 def run_discretized_integrated_gradients(req: Request, args: DiscretizedIGArgs) -> list[MethodOutput]:
     adapter = req.adapter
-    builder = PathBuilder.build(adapter.embedding.weight * adapter.embed_scale, set(req.special_ids), args)
+    builder = cached_builder(adapter.embedding.weight, adapter.embed_scale, set(req.special_ids), args)
     path = Path(alphas=torch.zeros(args.n_steps), weights=torch.ones(args.n_steps), multiply="step",
                 points=lambda ids, baseline: builder.points(ids.cpu(), baseline.cpu()))
     return gradient_attribution(req, path)

@@ -22,11 +22,14 @@ from scikit-learn.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 
 KNN_BLOCK_ROWS = 1024  # vocabulary rows per block of the k-NN search: a [1024, V] float32 distance matrix
+CACHED_BUILDERS = 4  # path builders kept between calls (the k-NN search over a 49k vocabulary takes ~30 s on a CPU)
+_builders: dict[tuple, tuple[weakref.ref, PathBuilder]] = {}
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,19 @@ class DiscretizedIGArgs:
             raise ValueError(f"Unknown strategy {self.strategy!r}; use 'greedy' or 'maxcount'")
         if self.n_neighbors < 1:
             raise ValueError("n_neighbors must be at least 1")
+
+
+def cached_builder(weight: torch.Tensor, scale: float, special: set[int], args: DiscretizedIGArgs) -> PathBuilder:
+    """The :class:`PathBuilder` of the embedding table ``weight * scale`` and these arguments, built once and kept
+    for later calls (the ``CACHED_BUILDERS`` most recent). An entry is only reused for the very same tensor
+    (a weak reference guards against a new table at a freed address) and version (no in-place change)."""
+    key = (id(weight), weight._version, scale, frozenset(special), args)
+    entry = _builders.get(key)
+    if entry is None or entry[0]() is not weight:
+        while len(_builders) >= CACHED_BUILDERS:
+            _builders.pop(next(iter(_builders)))
+        entry = _builders[key] = (weakref.ref(weight), PathBuilder.build(weight.detach() * scale, special, args))
+    return entry[1]
 
 
 def _monotonic_dims(anchor: torch.Tensor, baseline: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
