@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.adapters import Adapter
+from ..models.adapters import Adapter, id_rows
 
 
 @dataclass(frozen=True)
@@ -157,3 +157,37 @@ def empty_outputs(example: Example, sides, extra: tuple[int, ...] = ()):
     source = torch.full((len(example.source_ids), steps, *extra), float("nan")) if "source" in sides else None
     target = torch.full((len(example.target_ids), steps, *extra), float("nan")) if "target" in sides else None
     return source, target
+
+
+Row = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]  # decoder ids [L], encoder ids [S] or None, positions
+
+
+def repeat_picks(picks: Picks, times: int) -> Picks:
+    """``picks`` for ``times`` rows scoring the same positions."""
+    return Picks(*(None if v is None else v.repeat(times, *[1] * (v.dim() - 1))
+                   for v in (picks.target_ids, picks.contrast_ids, picks.contrast_logits)))
+
+
+def forward_rows(req: Request, rows: list[Row], reduce: Callable[[torch.Tensor, list[int]], torch.Tensor]
+                 ) -> torch.Tensor:
+    """Run id rows ``(decoder ids, encoder ids or None, scored positions)`` in batches of at most
+    ``req.inference_token_budget`` padded tokens (rows sorted by length); ``reduce(logits [K, V], chunk)`` turns
+    the scored logits of the rows ``chunk`` (indices into ``rows``) into ``[K]`` values. Returns the
+    values of all rows' scored positions, in row order (positions ascending within a row)."""
+    enc_dec = req.adapter.is_encoder_decoder
+    sizes = [len(t) + (len(s) if enc_dec else 0) for t, s, _ in rows]
+    order = sorted(range(len(rows)), key=sizes.__getitem__)
+    values: list[torch.Tensor | None] = [None] * len(rows)
+    first = 0
+    with torch.no_grad():
+        while first < len(order):
+            last = first + 1
+            while last < len(order) and (last - first + 1) * sizes[order[last]] <= req.inference_token_budget:
+                last += 1
+            chunk = order[first:last]
+            model_rows, scored = id_rows(req.adapter, [rows[r] for r in chunk])
+            out = reduce(req.adapter.forward(model_rows, scored).logits, chunk)
+            for r, v in zip(chunk, out.split([len(rows[r][2]) for r in chunk]), strict=True):
+                values[r] = v
+            first = last
+    return torch.cat(values)

@@ -181,7 +181,7 @@ class _Rows:
     moved: list[tuple[str, int]] | None = None
 
 
-def _expand(req: Request, units_: list[Unit], batch: list[Piece], path: Path, device) -> _Rows:
+def _expand(req: Request, all_units: list[Unit], batch: list[Piece], path: Path, device) -> _Rows:
     unit, alphas, weights, moved, points = [], [], [], [], []
     for piece in batch:
         a, w = _alphas(path, len(piece.points), device)
@@ -191,7 +191,7 @@ def _expand(req: Request, units_: list[Unit], batch: list[Piece], path: Path, de
         weights.append(w[index])  # sliced for random paths too: a unit's samples may span batches
         unit += [piece.unit] * len(piece.points)
         if path.per_position:
-            tokens = _moved_tokens(req, units_[piece.unit])
+            tokens = _moved_tokens(req, all_units[piece.unit])
             moved += [tokens[q // path.n_points] for q in piece.points]
     units = sorted(set(unit))
     position = {u: i for i, u in enumerate(units)}

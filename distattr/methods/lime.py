@@ -59,15 +59,21 @@ Inseq's ``lime`` (``inseq/attr/feat/ops/lime.py``, 0.7.1) is not a reference LIM
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from ..models.adapters import id_rows
-from .base import Example, MethodOutput, Picks, Request, attributed_sides, empty_outputs
-
-Row = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]  # decoder ids [L], encoder ids [S] or None, positions
+from .base import (
+    Example,
+    MethodOutput,
+    Picks,
+    Request,
+    Row,
+    attributed_sides,
+    empty_outputs,
+    forward_rows,
+    repeat_picks,
+)
 
 
 @dataclass(frozen=True)
@@ -155,37 +161,6 @@ def _sample_rows(req: Request, ex: Example, keep_src, src_feats, keep_tgt, tgt_f
         src[:, src_feats] = torch.where(keep_src, src[:, src_feats], ex.source_baseline[src_feats])
     positions = torch.arange(ex.start - 1, length)
     return [(tgt[i], None if src is None else src[i], positions) for i in range(n)]
-
-
-def repeat_picks(picks: Picks, times: int) -> Picks:
-    """``picks`` for ``times`` rows scoring the same positions."""
-    return Picks(*(None if v is None else v.repeat(times, *[1] * (v.dim() - 1))
-                   for v in (picks.target_ids, picks.contrast_ids, picks.contrast_logits)))
-
-
-def forward_rows(req: Request, rows: list[Row], reduce: Callable[[torch.Tensor, list[int]], torch.Tensor]
-                 ) -> torch.Tensor:
-    """Run id rows ``(decoder ids, encoder ids or None, scored positions)`` in batches of at most
-    ``req.inference_token_budget`` padded tokens (rows sorted by length); ``reduce(logits [K, V], chunk)`` turns
-    the scored logits of the rows ``chunk`` (indices into ``rows``) into ``[K]`` values. Returns the
-    values of all rows' scored positions, in row order (positions ascending within a row)."""
-    enc_dec = req.adapter.is_encoder_decoder
-    sizes = [len(t) + (len(s) if enc_dec else 0) for t, s, _ in rows]
-    order = sorted(range(len(rows)), key=sizes.__getitem__)
-    values: list[torch.Tensor | None] = [None] * len(rows)
-    first = 0
-    with torch.no_grad():
-        while first < len(order):
-            last = first + 1
-            while last < len(order) and (last - first + 1) * sizes[order[last]] <= req.inference_token_budget:
-                last += 1
-            chunk = order[first:last]
-            model_rows, scored = id_rows(req.adapter, [rows[r] for r in chunk])
-            out = reduce(req.adapter.forward(model_rows, scored).logits, chunk)
-            for r, v in zip(chunk, out.split([len(rows[r][2]) for r in chunk]), strict=True):
-                values[r] = v
-            first = last
-    return torch.cat(values)
 
 
 def cosine_kernel(keep: torch.Tensor, valid: torch.Tensor, width: float) -> torch.Tensor:

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.adapters import id_rows
-from .base import MethodOutput, Picks, Request, attributed_sides, empty_outputs
+from .base import MethodOutput, Picks, Request, attributed_sides, empty_outputs, forward_rows, repeat_picks
 
 
 @dataclass(frozen=True)
@@ -75,19 +74,8 @@ def _occlude(ex, row: _Occluded) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def _score_rows(req: Request, ex, rows: list[_Occluded]) -> torch.Tensor:
     """The attributed function at every step of ``ex`` for each row: ``[len(rows), n_steps]``."""
-    adapter = req.adapter
-    length = ex.end - 1
-    row_tokens = length + (len(ex.source_ids) if adapter.is_encoder_decoder else 0)
-    per_batch = max(1, req.inference_token_budget // max(row_tokens, 1))
     picks = Picks.gather([(ex, t) for t in range(ex.start, ex.end)])
-    positions = torch.arange(ex.start - 1, length)
-    scores = []
-    with torch.no_grad():
-        for first in range(0, len(rows), per_batch):
-            chunk = rows[first : first + per_batch]
-            model_rows, scored = id_rows(adapter, [(*_occlude(ex, row), positions) for row in chunk])
-            logits = adapter.forward(model_rows, scored).logits
-            repeated = Picks(*(None if v is None else v.repeat(len(chunk), *[1] * (v.dim() - 1))
-                               for v in (picks.target_ids, picks.contrast_ids, picks.contrast_logits)))
-            scores.append(req.target_fn(logits, repeated, None).view(len(chunk), -1))
-    return torch.cat(scores)
+    positions = torch.arange(ex.start - 1, ex.end - 1)
+    scores = forward_rows(req, [(*_occlude(ex, row), positions) for row in rows],
+                          lambda logits, chunk: req.target_fn(logits, repeat_picks(picks, len(chunk)), None))
+    return scores.view(len(rows), -1)

@@ -69,8 +69,7 @@ from typing import Protocol
 import torch
 
 from ..models.adapters import Adapter
-from .base import Example, MethodOutput, Picks, Request, attributed_sides, empty_outputs
-from .lime import Row, forward_rows
+from .base import Example, MethodOutput, Picks, Request, Row, attributed_sides, empty_outputs, forward_rows
 
 _EPS = 1e-6
 
