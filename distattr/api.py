@@ -11,6 +11,7 @@ import torch
 from . import engine, methods
 from .models.adapters import Adapter, wrap_model
 from .models.loading import LoadedModel, describe, load
+from .models.petals import check_remote_method, is_petals_spec
 from .results import AttributionOutput
 from .viz.progress import progress_factory
 
@@ -73,7 +74,8 @@ class AttributionModel:
         Args:
             input_texts: one prompt (decoder-only) or source text (encoder-decoder), or a list.
             generated_texts: attribute these targets instead of generating (constrained decoding); for
-                decoder-only models each must start with its input text.
+                decoder-only models each must start with its input text. Token-id sequences are accepted too
+                (as in ``SequenceAttribution.target_ids``: prompt included, or decoder start token first).
             method: override the model's default method for this call.
             generation_args: passed to ``model.generate`` (greedy by default), e.g. ``max_new_tokens``.
             attributed_fn: the step function differentiated (default ``probability``).
@@ -111,6 +113,8 @@ class AttributionModel:
         """
         name = method or self.method
         args = {**(self.method_args if name == self.method else {}), **(method_args or {}), **more_method_args}
+        if self.loaded.source.get("kind") == "petals":  # blocks on Petals servers: no internals methods
+            check_remote_method(name, args)
         cfg = engine.AttributeConfig(
             method=name, method_args=args, attributed_fn=attributed_fn,
             attributed_fn_args=dict(attributed_fn_args or {}), step_scores=tuple(step_scores),
@@ -153,6 +157,8 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | None = None,
     device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    quantization=None,
     revision: str | None = None,
     model_kwargs: dict | None = None,
     tokenizer_kwargs: dict | None = None,
@@ -165,12 +171,19 @@ def load_model(
         model: ``"smollm2-135m"`` (the embedded default, offline), a Hugging Face id, a local folder, a
             ``.gguf`` file, or a loaded ``PreTrainedModel`` (with ``tokenizer``).
         method: default attribution method (see :func:`list_methods`).
-        dtype / device / device_map / revision / model_kwargs: passed to ``from_pretrained``.
+        dtype / device / device_map / revision / model_kwargs: passed to ``from_pretrained``; ``device_map``
+            (``"auto"``, a device, or ``{module: device}`` with ``"cpu"``/``"disk"`` offload) is validated first.
+        max_memory: ``{device: size}`` for the placement, e.g. ``{0: "20GiB", "cpu": "60GiB"}``.
+        quantization: ``"nf4"``, ``"int8"`` or a ``transformers.BitsAndBytesConfig``; gradients flow through the
+            quantized layers (``pip install 'distattr[quant]'``).
         method_args / **more_method_args: default arguments of ``method`` (validated now); use the dict
             for names that clash with this signature (e.g. integrated gradients' ``method``).
     """
     method_args = {**(method_args or {}), **more_method_args}
     methods.build_args(method, method_args)
-    loaded = load(model, tokenizer, dtype=dtype, device=device, device_map=device_map, revision=revision,
-                  model_kwargs=model_kwargs, tokenizer_kwargs=tokenizer_kwargs)
+    if is_petals_spec(model):
+        check_remote_method(method, method_args)
+    loaded = load(model, tokenizer, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
+                  quantization=quantization, revision=revision, model_kwargs=model_kwargs,
+                  tokenizer_kwargs=tokenizer_kwargs)
     return AttributionModel(loaded=loaded, adapter=wrap_model(loaded.model), method=method, method_args=method_args)

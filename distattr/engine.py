@@ -21,9 +21,10 @@ import torch
 from . import alignment
 from . import methods as method_registry
 from .methods.base import Example, MethodOutput, Picks, Request
-from .models.adapters import Adapter, dropout_rerun, id_rows
+from .models.adapters import Adapter, dropout_rerun, id_rows, input_device
 from .models.loading import LoadedModel
 from .models.memory import default_token_budget
+from .models.quantization import guard_4bit_gradients
 from .results import AttributionOutput, SequenceAttribution
 from .steps import Contrast, StepContext, get_step_function
 
@@ -82,7 +83,7 @@ def _as_list(texts, what: str) -> list[str]:
     return texts
 
 
-def _encode(tokenizer, text: str, add_special: bool, as_target: bool = False) -> list[int]:
+def encode_text(tokenizer, text: str, add_special: bool, as_target: bool = False) -> list[int]:
     enc = tokenizer(text_target=text, add_special_tokens=add_special) if as_target else tokenizer(
         text, add_special_tokens=add_special)
     ids = list(enc["input_ids"])
@@ -138,7 +139,7 @@ def _generate(loaded: LoadedModel, sources: list[list[int]], args: dict, batch_s
     model, tokenizer = loaded.model, loaded.tokenizer
     enc_dec = model.config.is_encoder_decoder
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
+    device = input_device(model)
     outputs: list[list[int]] = []
     for first in range(0, len(sources), batch_size):
         chunk = sources[first : first + batch_size]
@@ -174,7 +175,7 @@ def _clean_generation(new_ids: list[int], tokenizer, eos: int | None, enc_dec: b
     return kept
 
 
-def _resolve_positions(start: int | None, end: int | None, length: int, default_start: int) -> tuple[int, int]:
+def resolve_positions(start: int | None, end: int | None, length: int, default_start: int) -> tuple[int, int]:
     """Inseq's ``attr_pos_start``/``attr_pos_end``: indices into the target, end exclusive, negatives
     from the end; the start is never before ``default_start`` (the prompt length for decoder-only)."""
     s = default_start if start is None else (start + length if start < 0 else start)
@@ -201,42 +202,20 @@ def _aligned(t: int, pairs: list | None) -> int:
 def prepare(loaded: LoadedModel, texts, generated_texts, cfg: AttributeConfig) -> Prepared:
     model, tokenizer = loaded.model, loaded.tokenizer
     enc_dec = bool(model.config.is_encoder_decoder)
-    device = next(model.parameters()).device
+    device = input_device(model)
     add_special = not cfg.skip_special_tokens
     sources = _as_list(texts, "input text")
     n = len(sources)
-    source_ids = [_encode(tokenizer, s, add_special) for s in sources]
+    source_ids = [encode_text(tokenizer, s, add_special) for s in sources]
     limit = _context_limit(model)
 
     if generated_texts is not None:
-        targets = _as_list(generated_texts, "generated text")
-        if len(targets) != n:
-            raise ValueError(f"{len(targets)} generated texts for {n} input texts")
-        if enc_dec:
-            start_tok = _decoder_start(model)
-            target_ids = [[start_tok, *_encode(tokenizer, t, add_special, as_target=True)] for t in targets]
-        else:
-            for s, t in zip(sources, targets, strict=True):
-                if not t.startswith(s):
-                    raise ValueError(f"For decoder-only models a generated text must start with its input: {t!r} "
-                                     f"does not start with {s!r}")
-            target_ids = [_encode(tokenizer, t, add_special) for t in targets]
+        targets, target_ids = _given_targets(loaded, sources, source_ids, generated_texts, add_special)
     else:
         for s, ids in zip(sources, source_ids, strict=True):
             if limit is not None and len(ids) >= limit:
                 raise ValueError(f"Input of {len(ids)} tokens does not fit the model's context of {limit}: {s[:60]!r}")
-        args = dict(cfg.generation_args)
-        new = _generate(loaded, source_ids, args, cfg.batch_size)
-        eos = _eos_id(model, tokenizer)
-        new = [_clean_generation(x[1:] if enc_dec else x, tokenizer, eos, enc_dec) for x in new]
-        if enc_dec:
-            # As Inseq: the target is the generated text tokenized as a target (which appends EOS).
-            targets = [tokenizer.decode(x, skip_special_tokens=True) for x in new]
-            start_tok = _decoder_start(model)
-            target_ids = [[start_tok, *_encode(tokenizer, t, add_special, as_target=True)] for t in targets]
-        else:
-            target_ids = [s + x for s, x in zip(source_ids, new, strict=True)]
-            targets = [tokenizer.decode(t, skip_special_tokens=True) for t in target_ids]
+        targets, target_ids = _generated_targets(loaded, source_ids, cfg)
 
     contrast_t = cfg.contrast_targets
     if contrast_t is not None and len(contrast_t) != n:
@@ -262,7 +241,7 @@ def prepare(loaded: LoadedModel, texts, generated_texts, cfg: AttributeConfig) -
         default_start = 1 if enc_dec else len(source_ids[i])
         if not enc_dec and len(tgt) <= default_start and cfg.attr_pos_start is None:
             raise ValueError(f"Nothing was generated for input #{i}; raise max_new_tokens or give generated_texts")
-        start, end = _resolve_positions(cfg.attr_pos_start, cfg.attr_pos_end, len(tgt), default_start)
+        start, end = resolve_positions(cfg.attr_pos_start, cfg.attr_pos_end, len(tgt), default_start)
         src = src_base = None
         if enc_dec:
             src = torch.tensor(source_ids[i], dtype=torch.long, device=device)
@@ -281,6 +260,59 @@ def prepare(loaded: LoadedModel, texts, generated_texts, cfg: AttributeConfig) -
         ))
         contrast_info.append(info)
     return Prepared(examples=examples, source_ids=source_ids, generated_texts=targets, contrast=contrast_info)
+
+
+def _given_targets(loaded: LoadedModel, sources: list[str], source_ids: list[list[int]], generated_texts,
+                   add_special: bool) -> tuple[list[str], list[list[int]]]:
+    """Targets of constrained decoding: texts, or token-id sequences as in ``SequenceAttribution.target_ids``."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    enc_dec = bool(model.config.is_encoder_decoder)
+    given = [generated_texts] if isinstance(generated_texts, str) else list(generated_texts)
+    if len(given) != len(sources):
+        raise ValueError(f"{len(given)} generated texts for {len(sources)} input texts")
+    if given and all(isinstance(t, list | tuple) for t in given):
+        target_ids = [[int(x) for x in t] for t in given]
+        for i, (src, ids) in enumerate(zip(source_ids, target_ids, strict=True)):
+            if not enc_dec and ids[: len(src)] != src:
+                raise ValueError(f"Target ids #{i} do not start with the input's {len(src)} token ids")
+            if len(ids) <= (1 if enc_dec else len(src)):
+                raise ValueError(f"Target ids #{i} contain nothing to attribute")
+        return [tokenizer.decode(t, skip_special_tokens=True) for t in target_ids], target_ids
+    targets = _as_list(given, "generated text")
+    if enc_dec:
+        start_tok = _decoder_start(model)
+        return targets, [[start_tok, *encode_text(tokenizer, t, add_special, as_target=True)] for t in targets]
+    for s, t in zip(sources, targets, strict=True):
+        if not t.startswith(s):
+            raise ValueError(f"For decoder-only models a generated text must start with its input: {t!r} "
+                             f"does not start with {s!r}")
+    return targets, [encode_text(tokenizer, t, add_special) for t in targets]
+
+
+def _generated_targets(loaded: LoadedModel, source_ids: list[list[int]],
+                       cfg: AttributeConfig) -> tuple[list[str], list[list[int]]]:
+    """Greedy (or ``generation_args``) continuations: the target texts and full target-id sequences."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    enc_dec = bool(model.config.is_encoder_decoder)
+    new = _generate(loaded, source_ids, dict(cfg.generation_args), cfg.batch_size)
+    eos = _eos_id(model, tokenizer)
+    new = [_clean_generation(x[1:] if enc_dec else x, tokenizer, eos, enc_dec) for x in new]
+    if enc_dec:
+        # As Inseq: the target is the generated text tokenized as a target (which appends EOS).
+        targets = [tokenizer.decode(x, skip_special_tokens=True) for x in new]
+        start_tok = _decoder_start(model)
+        add_special = not cfg.skip_special_tokens
+        return targets, [[start_tok, *encode_text(tokenizer, t, add_special, as_target=True)] for t in targets]
+    target_ids = [s + x for s, x in zip(source_ids, new, strict=True)]
+    return [tokenizer.decode(t, skip_special_tokens=True) for t in target_ids], target_ids
+
+
+def generate_targets(loaded: LoadedModel, texts: Sequence[str], cfg: AttributeConfig) -> list[list[int]]:
+    """The target-id sequences :func:`attribute` would generate for ``texts`` (to attribute them later in
+    pieces, e.g. one long example's steps on several workers)."""
+    add_special = not cfg.skip_special_tokens
+    source_ids = [encode_text(loaded.tokenizer, s, add_special) for s in _as_list(texts, "input text")]
+    return _generated_targets(loaded, source_ids, cfg)[1]
 
 
 def _per_example_alignments(alignments, n: int) -> list[list | str | None]:
@@ -314,16 +346,17 @@ def _contrast_for(loaded: LoadedModel, i: int, target_ids: list[int], source_ids
     position and target token."""
     model, tokenizer = loaded.model, loaded.tokenizer
     enc_dec = bool(model.config.is_encoder_decoder)
-    device = next(model.parameters()).device
+    device = input_device(model)
     if cfg.contrast_targets is not None:
         text = cfg.contrast_targets[i]
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"Contrast target #{i} is empty")
-        c_ids = ([_decoder_start(model), *_encode(tokenizer, text, add_special, as_target=True)] if enc_dec
-                 else _encode(tokenizer, text, add_special))
+        c_ids = ([_decoder_start(model), *encode_text(tokenizer, text, add_special, as_target=True)] if enc_dec
+                 else encode_text(tokenizer, text, add_special))
     else:
         c_ids = list(target_ids)
-    c_src = _encode(tokenizer, cfg.contrast_sources[i], add_special) if cfg.contrast_sources is not None else source_ids
+    c_src = (encode_text(tokenizer, cfg.contrast_sources[i], add_special) if cfg.contrast_sources is not None
+             else source_ids)
     if isinstance(pairs, str):  # "auto": one pair per target position, by embedding similarity
         pairs = alignment.auto_align(model, tokenizer, target_ids, c_ids, cfg.contrast_alignment_model)
     if pairs:
@@ -491,6 +524,7 @@ def attribute(loaded: LoadedModel, adapter: Adapter, texts, generated_texts, cfg
     for name in cfg.step_scores:
         get_step_function(name)
     get_step_function(cfg.attributed_fn)
+    guard_4bit_gradients(loaded.model)  # bitsandbytes must not repack 4-bit weights in no-grad forwards
     if cfg.token_budget is None:
         cfg = dataclasses.replace(cfg, token_budget=default_token_budget(loaded.model))
     elif cfg.token_budget < 1:

@@ -66,7 +66,7 @@ def deeplift_attribution(req: Request, layer: LayerTarget | None = None) -> list
         rows = [units[p.unit] for p in batch]
         exs = [examples[u.example] for u in rows]
         length = max(u.length for u in rows)
-        device = adapter.embedding.weight.device
+        device = adapter.input_device
         tgt = [ex.target_ids[: u.length] for ex, u in zip(exs, rows, strict=True)]
         tgt_b = [ex.target_baseline[: u.length] for ex, u in zip(exs, rows, strict=True)]
         attribute_target = req.attribute_target

@@ -218,7 +218,7 @@ def _run_batch(req: Request, path: Path, layer: LayerTarget | None, units: list[
     """One forward over the batch's rows, then the backward of every step slot, several slots per batched
     (``vmap``) backward; results go to the units."""
     adapter = req.adapter
-    device = adapter.embedding.weight.device
+    device = adapter.input_device
     rows = _expand(req, units, batch, path, device)
     sides = ["target", "source"] if adapter.is_encoder_decoder else ["target"]
     ids = {side: _unit_ids(req, units, rows, side) for side in sides}  # per unit, expanded to rows below
@@ -281,7 +281,7 @@ def _run_batch(req: Request, path: Path, layer: LayerTarget | None, units: list[
                 f = check_differentiable(req.target_fn(logits, Picks.gather(entries), rerun))
             del logits
             output, entry_rows, entry_cotangents = _backward_start(f, head_inputs, scored)
-            slot = torch.tensor(slot_of, device=f.device)
+            slot = torch.tensor(slot_of, device=output.device)
             del f
             n_slots = int(slot.max()) + 1
             batch_tokens = scored.numel() + (inputs["source_mask"].numel() if "source_mask" in inputs else 0)
@@ -341,9 +341,9 @@ def _backward_start(f: torch.Tensor, head_inputs: list[torch.Tensor], scored: to
             (grad,) = torch.autograd.grad(f.sum(), hidden)  # frees the head's graph, keeps the model's
             output = hidden.reshape(positions, hidden.shape[-1])
             if positions == len(f):
-                rows = torch.arange(len(f), device=f.device)
+                rows = torch.arange(len(f), device=hidden.device)
             else:  # the model projected every position: the scored ones are the entries, in order
-                rows = scored.reshape(-1).nonzero().squeeze(-1).to(f.device)
+                rows = scored.reshape(-1).nonzero().squeeze(-1).to(hidden.device)
             return output, rows, grad.reshape(positions, -1)[rows]
     return f.reshape(-1, 1), torch.arange(len(f), device=f.device), torch.ones_like(f).reshape(-1, 1)
 

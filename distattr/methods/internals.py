@@ -34,7 +34,7 @@ def eager_attention(model):
 def attention_attribution(req: Request) -> list[MethodOutput]:
     adapter, examples = req.adapter, req.examples
     enc_dec = adapter.is_encoder_decoder
-    device = adapter.embedding.weight.device
+    device = adapter.input_device
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].target_ids))
     results: dict[int, MethodOutput] = {}
     batch: list[int] = []

@@ -314,7 +314,7 @@ def _clean_forward(req: Request, plan: _Plan, ex, first_row: int | None = None
     (with ``first_row``, for the fast path) each block's attention internals while they fit
     :data:`RECORD_BYTES` (None for the blocks after that: they are re-run one by one)."""
     adapter = req.adapter
-    device = adapter.embedding.weight.device
+    device = adapter.input_device
     ids = ex.target_ids[: ex.end - 1].view(1, -1).to(device)
     inputs = {"target_ids": ids}
     if adapter.is_encoder_decoder:

@@ -38,6 +38,22 @@ def _embed_scale(module: nn.Module) -> float:
     return float(scale) if not isinstance(scale, torch.Tensor) else float(scale.item())
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where token ids and input embeddings go: the device the model's input embedding computes on.
+
+    Under an accelerate device map that is the embedding's hook ``execution_device``: an offloaded embedding
+    (``"disk"``, or ``"cpu"`` next to a GPU) keeps its weight on ``meta`` and computes on the main device.
+    Outputs come back wherever the model returns them; methods move their scores to the CPU.
+    """
+    embedding = model.get_input_embeddings()
+    hook = getattr(embedding, "_hf_hook", None)
+    for h in getattr(hook, "hooks", (hook,)):  # accelerate's SequentialHook holds several
+        device = getattr(h, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return embedding.weight.device
+
+
 def _keeps_logits(model: nn.Module) -> bool:
     """Whether the model's forward can project only selected positions onto the vocabulary."""
     return "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -60,9 +76,13 @@ class DecoderOnlyAdapter:
     def embedding(self) -> nn.Module:
         return self.model.get_input_embeddings()
 
+    @property
+    def input_device(self) -> torch.device:
+        return input_device(self.model)
+
     def embed(self, ids: torch.Tensor, side: str = "target") -> torch.Tensor:
         """``ids [..., L]`` -> ``[..., L, d]`` in the space gradients are taken in (scaled embeddings)."""
-        return self.embedding(ids.to(self.embedding.weight.device)) * self.embed_scale
+        return self.embedding(ids.to(self.input_device)) * self.embed_scale
 
     def forward(self, rows: RowInputs, scored: torch.Tensor, **kwargs):
         """Run the model; ``output.logits`` holds ``[K, V]`` logits at the True positions of ``scored [B, L]``."""
@@ -96,9 +116,13 @@ class EncoderDecoderAdapter:
     def embedding(self) -> nn.Module:
         return self.model.get_input_embeddings()
 
+    @property
+    def input_device(self) -> torch.device:
+        return input_device(self.model)
+
     def embed(self, ids: torch.Tensor, side: str = "source") -> torch.Tensor:
         """``ids [..., L]`` -> scaled embeddings ``[..., L, d]`` (same table for both sides)."""
-        return self.embedding(ids.to(self.embedding.weight.device)) * self.embed_scale
+        return self.embedding(ids.to(self.input_device)) * self.embed_scale
 
     def forward(self, rows: RowInputs, scored: torch.Tensor, **kwargs):
         inputs = {"attention_mask": rows.source_mask}
@@ -119,7 +143,7 @@ def _decoder_scales_given_embeds(adapter: EncoderDecoderAdapter) -> bool:
     Gradients are always taken w.r.t. the scaled embeddings (Inseq's convention); such a decoder is fed
     ``scaled / scale`` so that the model computes exactly what it computes from token ids.
     """
-    device = _first_device(adapter.model)
+    device = input_device(adapter.model)
     ids = torch.tensor([[3, 4, 5]], device=device)
     mask = torch.ones_like(ids)
     scored = torch.ones_like(ids, dtype=torch.bool)
@@ -131,17 +155,17 @@ def _decoder_scales_given_embeds(adapter: EncoderDecoderAdapter) -> bool:
 
 
 def _forward_scored(model: nn.Module, keeps_logits: bool, scored: torch.Tensor, **inputs):
-    """Forward with the LM head applied only at ``scored`` positions (the model's own head code runs)."""
+    """Forward with the LM head applied only at ``scored`` positions (the model's own head code runs). The logits
+    come back on the input device (under a device map the head may sit on another device), like the token ids
+    that step functions compare them with."""
+    device = input_device(model)
     if keeps_logits:
-        out = model(logits_to_keep=scored.to(_first_device(model)), **inputs)
-        return out
-    out = model(**inputs)
-    out.logits = out.logits[scored.to(out.logits.device)]
+        out = model(logits_to_keep=scored.to(device), **inputs)
+    else:
+        out = model(**inputs)
+        out.logits = out.logits[scored.to(out.logits.device)]
+    out.logits = out.logits.to(device)
     return out
-
-
-def _first_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 Adapter = DecoderOnlyAdapter | EncoderDecoderAdapter
@@ -150,7 +174,7 @@ Adapter = DecoderOnlyAdapter | EncoderDecoderAdapter
 def id_rows(adapter: Adapter, rows: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]):
     """Right-padded model inputs for rows ``(decoder ids [L], encoder ids [S] or None, scored positions)``;
     returns ``(RowInputs, scored [B, L])``."""
-    device = adapter.embedding.weight.device
+    device = adapter.input_device
     width = max(len(t) for t, _, _ in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
     scored = torch.zeros(len(rows), width, dtype=torch.bool, device=device)

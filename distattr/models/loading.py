@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from . import embedded
+from .quantization import describe_quantization, guard_4bit_gradients, quantization_config, quiet_int8_casts
 
 
 @dataclass(frozen=True)
@@ -38,13 +39,136 @@ def _autoclass(config):
     return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
 
 
-def _model_kwargs(dtype, device_map, extra: dict | None) -> dict:
+def _model_kwargs(dtype, extra: dict | None) -> dict:
     kwargs = dict(extra or {})
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     else:
         kwargs.setdefault("dtype", torch.float32)
+    return kwargs
+
+
+# ---------------------------------------------------------------- device maps and quantization
+
+PLACEMENT_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's device_map strings
+
+
+def available_devices() -> list[str]:
+    """Devices a device map or ``max_memory`` may name on this machine (``disk`` = offload to files)."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        devices += [f"xpu:{i}" for i in range(torch.xpu.device_count())]
+    if torch.backends.mps.is_available():
+        devices.append("mps")
+    return [*devices, "disk"]
+
+
+def _device_name(value, what: str) -> str:
+    """A device of a device map or ``max_memory`` as ``available_devices`` spells it; unknown ones raise."""
+    available = available_devices()
+    if isinstance(value, bool) or not isinstance(value, int | str | torch.device):
+        raise ValueError(f"{what}: {value!r} is not a device; available here: {', '.join(available)}")
+    if isinstance(value, int):  # accelerate: an integer is an accelerator index
+        name = f"xpu:{value}" if any(d.startswith("xpu") for d in available) and not torch.cuda.is_available() \
+            else f"cuda:{value}"
+    elif value == "disk":
+        name = "disk"
+    else:
+        try:
+            device = torch.device(value)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"{what}: {value!r} is not a device; available here: {', '.join(available)}") from None
+        index = device.index
+        if index is None and device.type in ("cuda", "xpu"):
+            index = 0
+        name = device.type if index is None or device.type == "mps" else f"{device.type}:{index}"
+    if name not in available:
+        raise ValueError(f"{what} names device {name!r}, which does not exist on this machine; available: "
+                         f"{', '.join(available)}")
+    return name
+
+
+def _module_device(device_map: dict, name: str):
+    """The entry of ``device_map`` that places module ``name`` (the longest matching prefix), or None."""
+    keys = [k for k in device_map if k == "" or name == k or name.startswith(k + ".")]
+    return device_map[max(keys, key=len)] if keys else None
+
+
+def check_device_map(device_map, config=None) -> None:
+    """Validate a ``device_map`` before loading: a placement strategy, one device, or ``{module: device}``.
+
+    Every device must exist here (``disk`` always does). With the model's ``config``, a dict's module names are
+    checked against the model (built on the ``meta`` device, no weights), and tied input/output embeddings must
+    not be split between ``disk`` and another device (accelerate cannot load the tied weight then).
+    """
+    if isinstance(device_map, str) and device_map in PLACEMENT_STRATEGIES:
+        return
+    if not isinstance(device_map, dict):
+        _device_name(device_map, "device_map")
+        return
+    if not device_map:
+        raise ValueError("device_map is an empty dict")
+    for module, device in device_map.items():
+        if not isinstance(module, str):
+            raise ValueError(f"device_map keys are module names, not {module!r}")
+        _device_name(device, f"device_map[{module!r}]")
+    if config is None:
+        return
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        meta = _autoclass(config).from_config(config)
+    names = {name: m for name, m in meta.named_modules()}
+    unknown = [k for k in device_map if k not in names]
+    if unknown:
+        top = [n for n in names if n and n.count(".") <= 1][:8]
+        raise ValueError(f"device_map names module(s) {', '.join(map(repr, unknown))} that {type(meta).__name__} "
+                         f"does not have; module names look like {', '.join(top)}")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    head = meta.get_output_embeddings()
+    if getattr(text, "tie_word_embeddings", False) and head is not None:
+        where = {id(m): n for n, m in names.items()}
+        embed_name, head_name = where[id(meta.get_input_embeddings())], where[id(head)]
+        a, b = _module_device(device_map, embed_name), _module_device(device_map, head_name)
+        if a != b and "disk" in (a, b):
+            raise ValueError(f"{head_name} shares its weight with {embed_name} (tied embeddings), so the device map "
+                             f"must put both on the same device, not {a!r} and {b!r}")
+
+
+def check_max_memory(max_memory: dict) -> dict:
+    """Validate ``max_memory`` (``{device: size}``, e.g. ``{0: "20GiB", "cpu": "60GiB"}``) and return it with
+    ``cuda:N`` keys written as accelerate wants them (``N``)."""
+    from accelerate.utils import convert_file_size_to_int
+
+    if not isinstance(max_memory, dict) or not max_memory:
+        raise ValueError(f"max_memory must be a non-empty dict {{device: size}}, not {max_memory!r}")
+    out = {}
+    for key, size in max_memory.items():
+        name = _device_name(key, "max_memory")
+        try:
+            if isinstance(size, bool) or convert_file_size_to_int(size) < 0:
+                raise ValueError
+        except (ValueError, TypeError, AttributeError):
+            raise ValueError(f"max_memory[{key!r}] = {size!r} is not a size (e.g. '20GiB', '500MB' or bytes)") from None
+        out[int(name.split(":")[1]) if name.startswith(("cuda:", "xpu:")) else name] = size
+    return out
+
+
+def _placement_kwargs(config, dtype, device, device_map, max_memory, quantization_spec) -> dict:
+    """``from_pretrained`` keyword arguments for quantization and big-model placement, validated."""
+    kwargs: dict = {}
+    if max_memory is not None:
+        kwargs["max_memory"] = check_max_memory(max_memory)
+        device_map = "auto" if device_map is None else device_map
+    if quantization_spec is not None:
+        compute = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
+        kwargs["quantization_config"] = quantization_config(quantization_spec, compute)
+        if device_map is None and device is not None:  # quantized weights cannot be moved after loading
+            device_map = {"": device}
     if device_map is not None:
+        check_device_map(device_map, config)
         kwargs["device_map"] = device_map
     return kwargs
 
@@ -63,6 +187,10 @@ def _gguf_cache(path: Path) -> Path:
 
 def resolve_folder(spec: str) -> tuple[str, str]:
     """Map a model spec string to (folder or hub id, display name)."""
+    if spec.startswith("petals://"):  # a Petals-served model: its local parts (tokenizer, embeddings) come from here
+        from .petals import parse_spec
+
+        return resolve_folder(parse_spec(spec).model)[0], spec
     if spec in embedded.EMBEDDED_MODELS:
         return str(embedded.converted_dir(spec)), spec
     path = Path(spec).expanduser()
@@ -85,6 +213,8 @@ def load(
     dtype: str | torch.dtype | None = None,
     device: str | None = None,
     device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    quantization: str | Any = None,
     revision: str | None = None,
     model_kwargs: dict | None = None,
     tokenizer_kwargs: dict | None = None,
@@ -97,10 +227,22 @@ def load(
         tokenizer: a tokenizer object or name; defaults to the model's.
         dtype: e.g. ``"float32"`` (default) or ``"bfloat16"``.
         device: where to put the model (ignored when ``device_map`` is given).
-        device_map: passed to ``from_pretrained`` (accelerate big-model placement).
+        device_map: accelerate big-model placement, passed to ``from_pretrained``: ``"auto"`` (or another
+            strategy of :data:`PLACEMENT_STRATEGIES`), one device, or ``{module name: device}`` with devices such
+            as ``0``, ``"cuda:1"``, ``"cpu"``, ``"disk"``; validated first (see :func:`check_device_map`).
+        max_memory: ``{device: size}`` for the placement, e.g. ``{0: "20GiB", "cpu": "60GiB"}`` (implies
+            ``device_map="auto"`` when no map is given).
+        quantization: ``"nf4"``, ``"int8"`` or a ``BitsAndBytesConfig`` (see :mod:`.quantization`); needs
+            bitsandbytes (``pip install 'distattr[quant]'``).
     """
     from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
+    from .petals import is_petals_spec, load_remote
+
+    if is_petals_spec(model):  # "petals://...": the decoder blocks run in a Petals swarm (models/petals.py)
+        return load_remote(model, tokenizer, dtype=dtype, device=device, model_kwargs=model_kwargs,
+                           tokenizer_kwargs=tokenizer_kwargs, device_map=device_map, max_memory=max_memory,
+                           quantization=quantization, revision=revision)
     _quiet_transformers()
     if isinstance(model, PreTrainedModel):
         name = getattr(model.config, "name_or_path", "") or type(model).__name__
@@ -108,19 +250,25 @@ def load(
             if not name or not Path(name).exists():
                 raise ValueError("Pass tokenizer= with a model object whose tokenizer cannot be found by name.")
             tokenizer = name
+        given = {"device_map": device_map, "max_memory": max_memory, "quantization": quantization}
+        if any(v is not None for v in given.values()):
+            names = ", ".join(k for k, v in given.items() if v is not None)
+            raise ValueError(f"{names} apply when distattr loads the model from its name or folder; this model object "
+                             "is loaded already (pass quantization_config= / device_map= to its from_pretrained)")
         hf_model = model
         source = {"kind": "object", "class": type(model).__name__}
     elif isinstance(model, str):
         if not model.strip():
             raise ValueError("Empty model name")
         folder, name = resolve_folder(model)
-        kwargs = _model_kwargs(dtype, device_map, model_kwargs)
+        kwargs = _model_kwargs(dtype, model_kwargs)
         if revision is not None:
             kwargs["revision"] = revision
         try:
             config = AutoConfig.from_pretrained(folder, revision=revision)
         except OSError as err:
             raise FileNotFoundError(f"Cannot load model {model!r}: {err}") from err
+        kwargs.update(_placement_kwargs(config, dtype, device, device_map, max_memory, quantization))
         hf_model = _autoclass(config).from_pretrained(folder, **kwargs)
         tokenizer = tokenizer if tokenizer is not None else folder
         source = {"kind": "embedded" if model in embedded.EMBEDDED_MODELS else "pretrained", "path": folder}
@@ -129,10 +277,14 @@ def load(
 
     if isinstance(tokenizer, str):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer, **(tokenizer_kwargs or {}))
-    if device is not None and device_map is None and getattr(hf_model, "hf_device_map", None) is None:
+    if device is not None and device_map is None and getattr(hf_model, "hf_device_map", None) is None \
+            and quantization is None:
         hf_model = hf_model.to(device)
     hf_model.eval()
     hf_model.requires_grad_(False)
+    guard_4bit_gradients(hf_model)  # before any forward: see models/quantization.py
+    if getattr(hf_model, "is_loaded_in_8bit", False):
+        quiet_int8_casts()
     _fill_special_tokens(hf_model, tokenizer)
     return LoadedModel(model=hf_model, tokenizer=tokenizer, name=name, revision=revision, source=source)
 
@@ -160,4 +312,18 @@ def describe(loaded: LoadedModel) -> dict:
         .hexdigest()[:16],
         "tokenizer_class": type(loaded.tokenizer).__name__,
         "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+        **_placement_info(loaded.model),
     }
+
+
+def _placement_info(model) -> dict:
+    """``quantization`` (see :func:`.quantization.describe_quantization`) and ``device_map`` (module -> device,
+    as accelerate placed it) of a quantized or device-mapped model; nothing for a plain one."""
+    info = {}
+    quantized = describe_quantization(model)
+    if quantized is not None:
+        info["quantization"] = quantized
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map is not None:
+        info["device_map"] = {k: v if isinstance(v, int) else str(v) for k, v in device_map.items()}
+    return info
