@@ -19,15 +19,41 @@ CPU_ACTIVATION_SHARE_OF_WEIGHTS = 0.2
 GPU_ACTIVATION_SHARE = 0.25  # of the device's total memory
 
 
-def activation_bytes_per_token(config, dtype: torch.dtype) -> int:
-    """Bytes of saved activations per token of a row, summed over decoder layers (encoder ignored)."""
+def _text_dims(config) -> tuple[int, int, int, int]:
+    """``(hidden, intermediate, decoder layers, experts per token)`` of a (text) config."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = getattr(text, "hidden_size", None) or getattr(text, "d_model", None) or getattr(text, "n_embd", 768)
     inter = getattr(text, "intermediate_size", None) or getattr(text, "d_ff", None) or getattr(text, "n_inner", None)
     inter = inter or 4 * hidden
     layers = (getattr(text, "num_hidden_layers", None) or getattr(text, "num_layers", None)
               or getattr(text, "n_layer", None) or getattr(text, "decoder_layers", None) or 12)
-    return int(layers * (12 * hidden + 4 * inter) * torch.finfo(dtype).bits // 8)
+    experts = getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None) or 1
+    routed = 1
+    if isinstance(experts, int) and experts > 1:
+        routed = getattr(text, "num_experts_per_tok", None) or 1
+    return hidden, inter, layers, routed
+
+
+def decoder_layer_count(config) -> int:
+    """Decoder layers of a (text) config, as the activation model counts them."""
+    return _text_dims(config)[2]
+
+
+def activation_bytes_per_layer_token(config, dtype: torch.dtype) -> int:
+    """Bytes of saved activations per token of a row in one decoder layer. A mixture-of-experts layer runs
+    each token through ``num_experts_per_tok`` experts, so it keeps that many intermediate-size sets."""
+    hidden, inter, _, routed = _text_dims(config)
+    return int((12 * hidden + 4 * inter * routed) * torch.finfo(dtype).bits // 8)
+
+
+def activation_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes of saved activations per token of a row, summed over decoder layers (encoder ignored).
+
+    Measured on SmolLM2-135M (float32, integrated gradients, one batch of 348-4176 tokens): the tensors
+    autograd saves come to 0.57 of this figure and the process's peak memory growth (saved tensors plus the
+    backward's transients) to 0.62-0.88 of it, so it bounds an attribution batch's peak with some margin.
+    """
+    return decoder_layer_count(config) * activation_bytes_per_layer_token(config, dtype)
 
 
 def default_token_budget(model: torch.nn.Module) -> int:
