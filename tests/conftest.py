@@ -1,3 +1,4 @@
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -7,6 +8,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 warnings.filterwarnings("ignore", category=UserWarning, module="captum")
+
+from netns import isolate_network  # noqa: E402
+
+# Everything the tests start (Ray, an S3 server, browsers) lives in a network namespace of its own with only a
+# loopback interface: nothing can reach or be reached from the machine's network.
+NETWORK_ISOLATED = isolate_network()
 
 
 @pytest.fixture
@@ -31,3 +38,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """One Ray head node on 127.0.0.1 for the whole session (with the job server, for ``ray job submit``), and
+    this process connected to it. Yields its addresses; stops only its own processes at the end."""
+    from raycluster import RayHead, ray_env
+
+    if not NETWORK_ISOLATED:
+        pytest.skip("Ray tests run only in an isolated network namespace (needs root on Linux)")
+    for key in ("RAY_USAGE_STATS_ENABLED", "RAY_AUTH_MODE"):
+        os.environ[key] = ray_env()[key]
+    head = RayHead.start()
+    try:
+        import ray
+
+        ray.init(address=head.address, log_to_driver=False)
+        yield head
+    finally:
+        import ray
+
+        ray.shutdown()
+        head.stop()

@@ -1,0 +1,100 @@
+"""Dataset-wide attribution on Ray actors, streamed into a Zarr store (:func:`attribute_dataset`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .. import methods
+from .actor import JobSpec
+from .data import DataError, Fields
+from .plan import PlanConfig
+from .runner import Resources, Summary, run_job
+
+# AttributionModel.attribute keywords that a dataset job passes on to every unit
+ATTRIBUTE_ARGS = (
+    "generation_args", "attributed_fn", "attributed_fn_args", "step_scores", "step_scores_args",
+    "contrast_targets_alignments", "contrast_alignment_model", "contrast_force_inputs", "attribute_target",
+    "attr_pos_start", "attr_pos_end", "skip_special_tokens", "include_eos_baseline", "hidden_reduction",
+    "token_budget", "steps_per_row", "batch_size",
+)
+
+
+def attribute_dataset(
+    model: str,
+    data,
+    store: str,
+    method: str = "saliency",
+    *,
+    max_new_tokens: int | None = None,
+    text_field: str = "prompt",
+    target_field: str | None = None,
+    contrast_field: str | None = None,
+    id_field: str | None = None,
+    keep_fields: Sequence[str] = (),
+    actors: int = 1,
+    num_cpus: float = 1.0,
+    num_gpus: float | None = None,
+    address: str | None = None,
+    new_store: bool = False,
+    unit_size: int = 16,
+    split_steps: int | None = 64,
+    storage_options: dict | None = None,
+    load_args: dict | None = None,
+    method_args: dict | None = None,
+    max_retries: int = 3,
+    log_dir: str | None = None,
+    show_progress: bool = True,
+    **attribute_args,
+) -> Summary:
+    """Attribute every example of a dataset on Ray actors; results stream into a Zarr store.
+
+    Args:
+        model: a model name or path each actor loads (``"smollm2-135m"``, a folder, a hub id).
+        data: a JSONL/JSON/CSV/Parquet file, a saved ``datasets`` folder, a ``datasets.Dataset``, a
+            ``ray.data.Dataset`` or a list of dicts.
+        store: the Zarr store, a local path or an fsspec URL (``s3://bucket/run.zarr`` with ``storage_options``).
+            An existing store of the same job is resumed (finished units are skipped); one of another job is
+            refused unless ``new_store`` replaces it.
+        method: the attribution method; ``method_args`` its arguments.
+        max_new_tokens: generation length (sizes the store); needed unless ``target_field`` is given.
+        text_field / target_field / contrast_field / id_field: the row fields holding the input text, the
+            target to attribute instead of generating, the contrastive target, and a unique example id
+            (default: the row position). ``keep_fields`` are copied into each example's metadata.
+        actors / num_cpus / num_gpus: model replicas and the Ray resources of each (``num_gpus=None``: one GPU
+            per actor when the cluster has GPUs, else the CPU).
+        address: a Ray cluster ("auto", "host:port", "ray://..."); None: the ``ray job submit`` cluster, else a
+            local one on 127.0.0.1.
+        unit_size: examples per work unit (and per chunk of the store); split_steps: examples with more
+            attributed steps are split into parts of this many steps that run on different actors (None: never).
+        load_args: ``load_model`` keywords (``dtype``, ``revision``, ``quantization``...).
+        max_retries: resubmissions of a unit whose actor died.
+        log_dir: also write each actor's log to ``log_dir/actor-<rank>.log``.
+        **attribute_args: :meth:`AttributionModel.attribute` keywords (``step_scores``, ``attributed_fn``,
+            ``generation_args``...).
+    Returns:
+        a :class:`Summary`; read the results with :func:`distattr.open_store`.
+    """
+    unknown = sorted(set(attribute_args) - set(ATTRIBUTE_ARGS))
+    if unknown:
+        raise ValueError(f"unknown attribute argument(s) {unknown}; valid: {', '.join(ATTRIBUTE_ARGS)}")
+    methods.build_args(method, dict(method_args or {}))
+    if actors < 1:
+        raise ValueError("actors must be at least 1")
+    generation = dict(attribute_args.pop("generation_args", None) or {})
+    if max_new_tokens is not None:
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        generation["max_new_tokens"] = max_new_tokens
+    attribute_args["generation_args"] = generation
+    if "step_scores" in attribute_args:
+        attribute_args["step_scores"] = list(attribute_args["step_scores"])
+    job = JobSpec(model=model, method=method, store=str(store), method_args=dict(method_args or {}),
+                  load_args=dict(load_args or {}), attribute_args=attribute_args, storage_options=storage_options,
+                  plan=PlanConfig(unit_size=unit_size, split_steps=split_steps), log_dir=log_dir)
+    fields = Fields(text=text_field, target=target_field, contrast=contrast_field, id=id_field,
+                    keep=tuple(keep_fields))
+    resources = Resources(actors=actors, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)
+    return run_job(job, data, fields, resources, address=address, new_store=new_store, progress=show_progress)
+
+
+__all__ = ["DataError", "Fields", "PlanConfig", "Resources", "Summary", "attribute_dataset"]
