@@ -1,0 +1,148 @@
+"""``distattr case-study cat | gender-bias``: the Inseq paper's two case studies, one command each."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register ``case-study`` (with ``cat`` and ``gender-bias``) on the ``distattr`` subcommand parser."""
+    from ..cli import _Parser
+
+    case = sub.add_parser("case-study", help="the Inseq paper's case studies: cat, gender-bias",
+                          description="Reproduce a case study of the Inseq paper (Sarti et al. 2023).")
+    studies = case.add_subparsers(dest="study", metavar="STUDY", parser_class=_Parser)
+    case.set_defaults(func=lambda args: _no_study(case))
+
+    cat = studies.add_parser(
+        "cat", help="Contrastive Attribution Tracing: where the model recalls facts (layer x position map)",
+        description="Layer gradient x activation of p(true object) - p(false object) on every decoder block's MLP "
+                    "output, over the facts the model gets right; writes the store, the averaged layer x position "
+                    "map as CSV and PNG, and per-fact probabilities to DIR.")
+    _common(cat)
+    cat.add_argument("--facts", metavar="FILE.json",
+                     help="ROME known facts, CounterFact or {prompt, subject, target_true, target_false} records "
+                          "(default: ROME's 1,209 known facts, packaged)")
+    cat.add_argument("--limit", type=int, metavar="N", help="trace at most N facts (the first that pass the filters)")
+    cat.add_argument("--seed", type=int, default=0, help="seed of the false-object choice (default: 0)")
+    cat.add_argument("--hidden-reduction", choices=("sum", "vnorm"), default="sum",
+                     help="sum: signed sum over the hidden size (default); vnorm: L2 norm")
+    cat.add_argument("--layers", nargs="+", metavar="NAME",
+                     help="modules to attribute (default: every decoder block's MLP)")
+    cat.add_argument("--all-facts", action="store_true", help="also trace facts the model gets wrong")
+    cat.add_argument("--batch-size", type=int, default=32, metavar="N", help="facts per batch (default: 32)")
+    cat.set_defaults(func=cmd_cat)
+
+    gender = studies.add_parser(
+        "gender-bias", help="pronoun probabilities and attributions vs labor statistics (Kendall tau table)",
+        description="Fill a template with occupations, score the gendered pronoun (probability; saliency, "
+                    "integrated gradients and input x gradient credit of the occupation) and correlate each "
+                    "measure with the share of women in the occupation (Kendall tau). Decoder-only models: "
+                    "'The {occupation} said that' -> he/she; encoder-decoder models: Turkish 'O bir {occupation}' "
+                    "translated to English.")
+    _common(gender)
+    gender.add_argument("--occupations", metavar="FILE.tsv",
+                        help="TSV with bls_pct_female and the slot column (default: WinoGender's 60 occupations, "
+                             "or the Inseq paper's 49 Turkish ones for encoder-decoder models)")
+    gender.add_argument("--slot-column", metavar="NAME",
+                        help="TSV column filling the template (default: occupation/english; turkish for the "
+                             "encoder-decoder default)")
+    gender.add_argument("--template", help="template with {occupation} (default: by model type, see above)")
+    gender.add_argument("--methods", nargs="+", metavar="NAME",
+                        default=["saliency", "integrated_gradients", "input_x_gradient"],
+                        help="attribution methods (default: %(default)s)")
+    gender.add_argument("--n-steps", type=int, default=16, metavar="N",
+                        help="integrated gradients path points, Gauss-Legendre (default: 16)")
+    gender.add_argument("--source-pronoun", metavar="WORD",
+                        help="source word scored as x_pron (default: O for encoder-decoder models, none otherwise)")
+    gender.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="translation length limit")
+    gender.add_argument("--batch-size", type=int, default=16, metavar="N", help="inputs per batch (default: 16)")
+    gender.set_defaults(func=cmd_gender_bias)
+    return case
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default="smollm2-135m",
+                   help="embedded model name, Hugging Face id, local folder or .gguf file (default: %(default)s)")
+    p.add_argument("--output", "-o", required=True, metavar="DIR", help="folder for the tables, figures and results")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"), help="model weights dtype")
+    p.add_argument("--device", help="where to run, e.g. cpu, cuda, cuda:1")
+    p.add_argument("--token-budget", type=int, default=512, metavar="N",
+                   help="most padded tokens per forward/backward batch (default: %(default)s)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress and no status messages")
+
+
+def _no_study(parser: argparse.ArgumentParser) -> int:
+    from ..cli import USAGE_ERROR
+
+    parser.print_help(sys.stderr)
+    return USAGE_ERROR
+
+
+def _checked(args) -> Path:
+    """Validate the shared options before any model loads; returns the output folder."""
+    from ..cli import UsageError, _device
+
+    for name in ("batch_size", "token_budget", "limit", "n_steps", "max_new_tokens"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    _device(args.device)
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output: {args.output} is a file; give a folder")
+    return out
+
+
+def _load(args):
+    from ..api import load_model
+
+    _say(args, f"Loading {args.model} ...")
+    return load_model(args.model, dtype=args.dtype, device=args.device)
+
+
+def _say(args, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr)
+
+
+def cmd_cat(args) -> int:
+    from . import cat
+
+    out = _checked(args)
+    facts = cat.load_facts(args.facts)  # a bad file fails before the model loads
+    model = _load(args)
+    summary = cat.run_cat(model, out, facts, limit=args.limit, seed=args.seed, layers=args.layers,
+                          hidden_reduction=args.hidden_reduction, known_only=not args.all_facts,
+                          batch_size=args.batch_size, token_budget=args.token_budget, show_progress=not args.quiet,
+                          log=lambda message: _say(args, message))
+    print("\n".join(summary.lines()))
+    _say(args, "Wrote " + ", ".join(str(p) for p in summary.files.values()))
+    return 0
+
+
+def cmd_gender_bias(args) -> int:
+    from ..methods import build_args
+    from . import gender_bias
+
+    out = _checked(args)
+    method_args = {"integrated_gradients": {"n_steps": args.n_steps}}
+    for name in args.methods:
+        build_args(name, method_args.get(name, {}))  # unknown method: fail before loading the model
+    occupations = None
+    if args.occupations is not None:
+        occupations = gender_bias.load_occupations(args.occupations, args.slot_column)
+    model = _load(args)
+    if occupations is None and args.slot_column is not None:
+        occupations = gender_bias.load_occupations(
+            gender_bias.data_file(gender_bias.DEFAULT_OCCUPATIONS[model.is_encoder_decoder]), args.slot_column)
+    summary = gender_bias.run_gender_bias(
+        model, out, occupations=occupations, template=args.template, methods=args.methods, method_args=method_args,
+        source_pronoun=args.source_pronoun if args.source_pronoun is not None else "default",
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, token_budget=args.token_budget,
+        show_progress=not args.quiet, log=lambda message: _say(args, message))
+    print(summary.markdown(), end="")
+    _say(args, f"Wall time {summary.seconds:.1f} s. Wrote " + ", ".join(str(p) for p in summary.files.values()))
+    return 0

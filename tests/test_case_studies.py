@@ -1,0 +1,352 @@
+"""The case studies (distattr.stats): fact selection, the CAT map, Kendall tau tables, files and the CLI.
+
+Plumbing on tiny random models; one slow test per study on the embedded model."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import distattr
+from distattr.cli import main
+from distattr.stats import cat, gender_bias
+from distattr.stats.tokens import char_span_tokens
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPT = "the big red house is located in the city of"
+
+
+def _rows(path) -> list[list[str]]:
+    return list(csv.reader(path.read_text(encoding="utf-8").splitlines()))
+
+
+def _dict_rows(path) -> list[dict[str, str]]:
+    return list(csv.DictReader(path.read_text(encoding="utf-8").splitlines()))
+
+
+def _facts():
+    return [cat.Fact(PROMPT, "the big red house", "paris", "P1", fact_id="0"),
+            cat.Fact("the cat was built in", "the cat", "rome", "P1", fact_id="1"),
+            cat.Fact("a dog is in", "a dog", "london", "P1", fact_id="2"),
+            cat.Fact("the tower is in the", "the tower", "city", "P2", fact_id="3"),
+            cat.Fact("the house is in the", "the house", "house", "P2", fact_id="4"),
+            cat.Fact("the blue dog is", "the blue dog", "green", "P3", fact_id="5")]  # alone in its relation
+
+
+def test_false_objects_come_from_the_same_relation_and_are_never_the_true_one():
+    facts = _facts()
+    chosen = cat.choose_false_objects(facts, seed=3)
+    assert [f.fact_id for f in chosen] == ["0", "1", "2", "3", "4"]  # P3 has no other object
+    by_relation = {r: {f.true_object for f in facts if f.relation == r} for r in ("P1", "P2")}
+    for f in chosen:
+        assert f.false_object in by_relation[f.relation] and f.false_object != f.true_object
+    assert cat.choose_false_objects(facts, seed=3) == chosen  # deterministic
+    picks = {cat.choose_false_objects(facts, seed=s)[0].false_object for s in range(20)}
+    assert picks == {"rome", "london"}  # the seed matters; both candidates occur
+    only_london = cat.choose_false_objects(facts, accept=lambda f, o: o == "london")
+    assert [(f.fact_id, f.false_object) for f in only_london] == [("0", "london"), ("1", "london")]
+    given = cat.choose_false_objects([cat.Fact("p a", "a", "x", "R", false_object="y")])
+    assert given[0].false_object == "y"  # CounterFact's false object is kept
+
+
+def test_packaged_facts_get_false_objects_of_their_relation():
+    facts = cat.load_facts()
+    assert len(facts) == 1209 and facts[0].subject == "Vinson Massif" and facts[0].true_object == "Antarctica"
+    chosen = cat.choose_false_objects(facts)
+    objects = {}
+    for f in facts:
+        objects.setdefault(f.relation, set()).add(f.true_object)
+    assert len(chosen) == 1208  # relation P190 has a single fact
+    assert all(f.false_object in objects[f.relation] and f.false_object.lower() != f.true_object.lower()
+               for f in chosen)
+
+
+def test_facts_formats_and_errors(tmp_path):
+    counterfact = [{"case_id": 7, "requested_rewrite": {
+        "prompt": "{} is in", "subject": "the cat", "relation_id": "P1",
+        "target_true": {"str": "paris", "id": "Q1"}, "target_new": {"str": "rome", "id": "Q2"}}}]
+    flat = [{"prompt": "the cat is in", "subject": "the cat", "target_true": " paris", "target_false": " rome"}]
+    for records in (counterfact, flat):
+        path = tmp_path / "f.json"
+        path.write_text(json.dumps(records))
+        (f,) = cat.load_facts(path)
+        assert (f.prompt, f.subject, f.true_object, f.false_object) == ("the cat is in", "the cat", "paris", "rome")
+    path.write_text(json.dumps([{"question": "x"}]))
+    with pytest.raises(ValueError, match="expected ROME known facts"):
+        cat.load_facts(path)
+    with pytest.raises(FileNotFoundError, match="facts file not found"):
+        cat.load_facts(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("kind, shift", [("gpt2", 0), ("llama", 1)])  # llama's tokenizer adds a BOS
+def test_subject_tokens_and_position_groups(tiny, kind, shift):
+    m = tiny(kind)
+    fact = cat.Fact(PROMPT, "the big red house", "paris", "P1", false_object="rome")
+    traced = cat.tokenize_fact(m.tokenizer, fact)
+    assert traced.subject == (shift, shift + 4) and len(traced.prompt_ids) == 10 + shift
+    assert traced.object_ids == (m.tokenizer.convert_tokens_to_ids("paris"),)
+    groups = cat.position_groups(len(traced.prompt_ids), traced.subject)
+    s = shift
+    assert groups == ((s,), (s + 1, s + 2), (s + 3,), (s + 4,), tuple(range(s + 5, s + 9)), (s + 9,))
+    same_first = cat.Fact(PROMPT, "the big red house", "paris", "P1", false_object="paris")
+    assert cat.tokenize_fact(m.tokenizer, same_first) is None  # the objects must start with different tokens
+    assert cat.position_groups(3, (0, 1)) == ((0,), (), (0,), (1,), (), (2,))  # one-token subject: first = last
+    with pytest.raises(ValueError, match="must end before"):
+        cat.position_groups(3, (1, 3))
+
+
+def test_group_scores_and_average_skip_empty_groups():
+    scores = np.arange(12, dtype=np.float64).reshape(6, 2)  # 6 positions, 2 layers
+    groups = ((0,), (1, 2), (3,), (4,), (), (5,))
+    table = cat.group_scores(scores, groups)
+    np.testing.assert_array_equal(table[1], [3.0, 4.0])
+    assert np.isnan(table[4]).all()
+    maps = np.stack([table, table + 1.0])
+    maps[1, 1] = np.nan  # the second fact has no middle token
+    mean, counts = cat.average_map(maps)
+    assert mean.shape == (2, 6) and counts == (2, 1, 2, 2, 0, 2)
+    np.testing.assert_allclose(mean[:, 0], [0.5, 1.5])
+    np.testing.assert_allclose(mean[:, 1], [3.0, 4.0])  # only the first fact
+    assert np.isnan(mean[:, 4]).all()
+
+
+def test_check_facts_agrees_with_greedy_generation(tiny):
+    m = tiny("gpt2")
+    prompts = ["the cat is in the", "a dog was built in", PROMPT]
+    facts = []
+    for i, p in enumerate(prompts):
+        ids = m.tokenizer(p, return_tensors="pt")["input_ids"]
+        new = m.model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=1)[0, ids.shape[1]:]
+        words = m.tokenizer.convert_ids_to_tokens(new.tolist())
+        facts.append(cat.Fact(p, p.split()[1], " ".join(words), "R", false_object="tower", fact_id=str(i)))
+        wrong = "seven" if words[1] != "seven" else "eight"  # right first word, wrong second word
+        facts.append(cat.Fact(p, p.split()[1], f"{words[0]} {wrong}", "R", false_object="tower"))
+    traced = [cat.tokenize_fact(m.tokenizer, f) for f in facts]
+    checks = cat.check_facts(m, traced, batch_size=4)
+    assert [c.known for c in checks] == [True, False] * 3
+    for t, c in zip(traced, checks, strict=True):  # probabilities of the first tokens after the prompt
+        with torch.no_grad():
+            probs = m.model(torch.tensor([t.prompt_ids])).logits[0, -1].softmax(-1)
+        assert c.p_true == pytest.approx(float(probs[t.object_ids[0]]), rel=1e-4)
+        assert c.p_false == pytest.approx(float(probs[t.false_first]), rel=1e-4)
+
+
+def test_run_cat_writes_the_map_csv_png_and_results(tiny, tmp_path):
+    m = tiny("llama")
+    facts = [cat.Fact(PROMPT, "the big red house", "paris", "P1", fact_id="a"),
+             cat.Fact("the cat was built in the city of", "the cat", "rome", "P1", fact_id="b"),
+             cat.Fact("a small dog is located in", "a small dog", "london", "P1", fact_id="c")]
+    layers = cat.mlp_layers(m)
+    assert layers == ("model.layers.0.mlp", "model.layers.1.mlp")
+    with pytest.raises(ValueError, match="No statement left"):  # the random model knows none of them
+        cat.run_cat(m, tmp_path / "none", facts, show_progress=False)
+    summary = cat.run_cat(m, tmp_path / "out", facts, known_only=False, batch_size=2, show_progress=False)
+    assert summary.counts["traced"] == 3 and summary.counts["known"] == 0
+    assert summary.map.shape == (2, 6) and summary.group_counts == (3, 2, 3, 3, 3, 3)
+    rows = _rows(summary.files["map_csv"])
+    assert rows[0] == ["layer", "module", *cat.GROUPS] and [r[1] for r in rows[1:]] == list(layers)
+    np.testing.assert_allclose(np.array(rows[1:])[:, 2:].astype(float), summary.map, rtol=1e-6)
+    assert summary.files["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stored = _stored(summary.files["results_cat_attributions"])
+    assert len(stored) == 3 and stored[0].dims == ("layer",) and stored[0].dim_labels == (layers,)
+    # the map is the average of the stored attributions, grouped by position
+    traced = [cat.tokenize_fact(m.tokenizer, f) for f in cat.choose_false_objects(facts)]
+    manual = []
+    for seq, t in zip(stored, traced, strict=True):
+        n = len(t.prompt_ids)
+        assert seq.target_attributions.shape == (n + 1, 1, 2) and np.isnan(seq.target_attributions[n]).all()
+        manual.append(cat.group_scores(seq.target_attributions[:n, 0], cat.position_groups(n, t.subject)))
+    np.testing.assert_allclose(np.nanmean(np.stack(manual), axis=0).T, summary.map, rtol=1e-5)
+    # the stored attribution is layer gradient x activation of p(true) - p(false), summed over the hidden size
+    false = f"{PROMPT} {traced[0].fact.false_object}"
+    direct = m.attribute(PROMPT, PROMPT + " paris", method="layer_gradient_x_activation", target_layer=list(layers),
+                         attributed_fn="contrast_prob_diff", contrast_targets=false, hidden_reduction="sum",
+                         show_progress=False)[0]
+    np.testing.assert_allclose(stored[0].target_attributions, direct.target_attributions, rtol=1e-4, atol=1e-7)
+    diff = stored[0].step_scores["contrast_prob_diff"][0]
+    assert diff == pytest.approx(stored[0].step_scores["probability"][0] - stored[0].step_scores["contrast_prob"][0])
+    facts_rows = _dict_rows(summary.files["facts_csv"])
+    assert [r["fact_id"] for r in facts_rows] == ["a", "b", "c"] and facts_rows[0]["subject_tokens"].count("|") == 3
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        cat.run_cat(tiny("t5"), tmp_path / "t5", facts)
+
+
+def test_kendall_matches_scipy():
+    from scipy.stats import kendalltau
+
+    x = [0.1, 0.5, np.nan, 0.3, 0.9, 0.2, 0.7, 0.7]
+    y = [10.0, 40.0, 5.0, 35.0, 80.0, 12.0, 20.0, 60.0]
+    t = gender_bias.kendall(x, y)
+    ref = kendalltau([0.1, 0.5, 0.3, 0.9, 0.2, 0.7, 0.7], [10.0, 40.0, 35.0, 80.0, 12.0, 20.0, 60.0])
+    assert (t.tau, t.p, t.n) == (pytest.approx(ref.statistic), pytest.approx(ref.pvalue), 7)
+    assert gender_bias.kendall([1, 2, 3, 4], [2, 4, 6, 8]).tau == pytest.approx(1.0)
+    assert np.isnan(gender_bias.kendall([1, np.nan], [1, 2]).tau)
+
+
+def test_swap_pronoun_and_occupations_file(tmp_path):
+    assert gender_bias.swap_pronoun("He is a doctor.", ("he", "she")) == ("he", "She is a doctor.")
+    assert gender_bias.swap_pronoun("the shepherd said she", ("he", "she")) == ("she", "the shepherd said he")
+    assert gender_bias.swap_pronoun("It is a doctor.", ("he", "she")) is None
+    english = gender_bias.load_occupations()
+    assert len(english) == 60 and english[0] == gender_bias.Occupation("technician", "technician", 40.34)
+    turkish = gender_bias.load_occupations(gender_bias.data_file("inseq_turkish_occupations_bls.tsv"), "turkish")
+    assert len(turkish) == 49 and turkish[0] == gender_bias.Occupation("teknisyen", "technician", 40.34)
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("job\tshare\nnurse\t90\n")
+    with pytest.raises(ValueError, match="missing column"):
+        gender_bias.load_occupations(bad)
+
+
+class _NoOffsets:
+    """A tokenizer that cannot return offsets (like a slow SentencePiece tokenizer)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def __call__(self, text, return_offsets_mapping=False, **kwargs):
+        if return_offsets_mapping:
+            raise NotImplementedError
+        return self.tok(text, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["llama", "marian"])  # BOS in front / EOS at the end
+def test_char_span_tokens_with_and_without_offsets(tiny, kind):
+    tok = tiny(kind).tokenizer
+    text = "it is a big red house said she"
+    ids = tok(text)["input_ids"]
+    for word, (a, b) in (("big red house", (3, 6)), ("it", (0, 1)), ("she", (7, 8))):
+        start = text.index(word)
+        lead = 1 if kind == "llama" else 0
+        expected = (a + lead, b + lead)
+        assert char_span_tokens(tok, text, start, start + len(word), ids) == expected
+        assert char_span_tokens(_NoOffsets(tok), text, start, start + len(word), ids) == expected
+
+
+OCCUPATIONS = [gender_bias.Occupation(w, w, float(p)) for w, p in
+               (("cat", 10), ("dog", 75), ("house", 30), ("tower", 5), ("city", 60), ("paris", 90))]
+
+
+def test_gender_bias_decoder_only_tables_are_consistent(tiny, tmp_path):
+    m = tiny("gpt2")
+    s = gender_bias.run_gender_bias(m, tmp_path, occupations=OCCUPATIONS, template="the {occupation} said that",
+                                    method_args={"integrated_gradients": {"n_steps": 4}}, show_progress=False)
+    assert s.n_occupations == 6 and sum(s.base_counts.values()) == 6 and s.n_without_pronoun == 0
+    assert [r[0] for r in s.rows] == ["p(y_pron)", "∇ x_occ", "IG x_occ", "I×G x_occ"]
+    rows = _dict_rows(s.files["occupations_csv"])
+    p_he, p_she = (np.array([float(r[f"p_{p}"]) for r in rows]) for p in ("he", "she"))
+    for r, he, she in zip(rows, p_he, p_she, strict=True):  # base = the more probable pronoun
+        assert r["base_pronoun"] == ("he" if he > she else "she")
+        with torch.no_grad():
+            ids = m.tokenizer(f"the {r['occupation']} said that", return_tensors="pt")["input_ids"]
+            probs = m.model(ids).logits[0, -1].softmax(-1)
+        assert he == pytest.approx(float(probs[m.tokenizer.convert_tokens_to_ids("he")]), rel=1e-4)
+        for method in gender_bias.METHODS:
+            assert 0.0 <= float(r[f"{method}_x_occ_he"]) <= 1.0
+    pct = [o.pct_female for o in OCCUPATIONS]
+    base_p = [max(a, b) for a, b in zip(p_he, p_she, strict=True)]
+    swap_p = [min(a, b) for a, b in zip(p_he, p_she, strict=True)]
+    assert s.rows[0][1] == gender_bias.kendall(base_p, pct) and s.rows[0][2] == gender_bias.kendall(swap_p, pct)
+    share = dict(s.fixed)["p(she) / (p(he) + p(she))"]
+    assert share == gender_bias.kendall(p_she / (p_he + p_she), pct)
+    table = s.files["table_md"].read_text()
+    assert "| ∇ x_occ |" in table and "GenderSwap" in table
+    assert len(_rows(s.files["table_csv"])) == 1 + 2 * len(s.rows) + len(s.fixed)
+    stored = _stored(s.files["results_gender_saliency_she"])
+    assert len(stored) == 6 and stored[0].generated_tokens == ("she",)
+
+
+def test_gender_bias_translation_path(tiny, tmp_path):
+    m = tiny("marian")
+    translations = [("he is a " if i % 2 else "she is a ") + o.slot for i, o in enumerate(OCCUPATIONS)]
+    translations[0] = "it is a cat"  # no pronoun: left out
+    s = gender_bias.run_gender_bias(m, tmp_path / "given", occupations=OCCUPATIONS, template="it is a {occupation}",
+                                    source_pronoun="it", translations=translations,
+                                    methods=["saliency", "input_x_gradient"], show_progress=False)
+    assert s.encoder_decoder and s.base_counts == {"he": 3, "she": 2} and s.n_without_pronoun == 1
+    assert [r[0] for r in s.rows] == ["p(y_pron)", "∇ x_pron", "∇ x_occ", "I×G x_pron", "I×G x_occ"]
+    assert all(t.n == 5 for _, b, w in s.rows for t in (b, w))
+    rows = _dict_rows(s.files["occupations_csv"])
+    assert rows[1]["text_she"] == "she is a dog" and rows[1]["text_he"] == "he is a dog"
+    stored = _stored(s.files["results_gender_saliency_she"])
+    shown = stored[0].aggregate()
+    assert np.nansum(shown.source_attributions[:, 0]) == pytest.approx(1.0, rel=1e-5)  # shares over the source
+    # without given translations the model translates; the tiny random model writes no pronoun
+    s = gender_bias.run_gender_bias(m, tmp_path / "generated", occupations=OCCUPATIONS[:3],
+                                    template="it is a {occupation}", methods=["saliency"], max_new_tokens=4,
+                                    show_progress=False)
+    assert s.n_without_pronoun + sum(s.base_counts.values()) == 3
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tiny import tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    model, tok = tiny_model("gpt2")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def test_cli_case_studies(model_dir, tmp_path, capsys):
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps([{"prompt": f.prompt, "subject": f.subject, "target_true": f.true_object,
+                                  "relation_id": f.relation} for f in _facts()]))
+    code = main(["case-study", "cat", "--model", model_dir, "--facts", str(facts), "--output", str(tmp_path / "cat"),
+                 "--all-facts", "--limit", "3", "--quiet"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "3 statements traced" in out.out and out.err == ""
+    assert {p.name for p in (tmp_path / "cat").iterdir()} == {
+        "cat_map.csv", "cat_map.png", "cat_facts.csv", "cat_summary.json", "cat_attributions.zarr"}
+    occupations = tmp_path / "occ.tsv"
+    occupations.write_text("occupation\tbls_pct_female\n" + "".join(f"{o.slot}\t{o.pct_female}\n"
+                                                                   for o in OCCUPATIONS))
+    code = main(["case-study", "gender-bias", "--model", model_dir, "--occupations", str(occupations), "--template",
+                 "the {occupation} said that", "--n-steps", "4", "--output", str(tmp_path / "gb"), "--quiet"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "| IG x_occ |" in out.out and (tmp_path / "gb" / "gender_bias_table.md").read_text() == out.out
+    assert main(["case-study", "cat", "--model", model_dir, "--facts", str(tmp_path / "nope.json"), "--output",
+                 str(tmp_path / "x")]) == 2
+    assert "facts file not found" in capsys.readouterr().err
+    assert main(["case-study", "gender-bias", "--methods", "nonsense", "--output", str(tmp_path / "y")]) == 2
+    assert "nonsense" in capsys.readouterr().err
+    assert main(["case-study"]) == 2
+
+
+@pytest.mark.slow
+def test_case_studies_on_the_embedded_model(tmp_path, capsys):
+    code = main(["case-study", "cat", "--output", str(tmp_path / "cat"), "--limit", "4", "--quiet"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    summary = json.loads((tmp_path / "cat" / "cat_summary.json").read_text())
+    assert summary["counts"]["traced"] == 4 and len(summary["map"]) == 30 and len(summary["map"][0]) == 6
+    rows = _dict_rows(tmp_path / "cat" / "cat_facts.csv")
+    assert all(float(r["p_true"]) > float(r["p_false"]) for r in rows)  # known facts: the true token is the argmax
+    occupations = tmp_path / "occ.tsv"
+    occupations.write_text("occupation\tbls_pct_female\nnurse\t90.0\nengineer\t10.7\nteacher\t73.0\n"
+                           "carpenter\t1.8\n")
+    code = main(["case-study", "gender-bias", "--occupations", str(occupations), "--n-steps", "8", "--output",
+                 str(tmp_path / "gb"), "--quiet"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    rows = _dict_rows(tmp_path / "gb" / "gender_bias_occupations.csv")
+    model = distattr.load_model("smollm2-135m")
+    tok = model.tokenizer
+    for r in rows:
+        with torch.no_grad():
+            ids = tok(f"The {r['occupation']} said that", return_tensors="pt")["input_ids"]
+            probs = model.model(ids).logits[0, -1].softmax(-1)
+        for p in ("he", "she"):
+            assert float(r[f"p_{p}"]) == pytest.approx(float(probs[tok.convert_tokens_to_ids(f"Ġ{p}")]), rel=1e-3)
+
+
+def _stored(path) -> list:
+    """The sequences of a case study's result store, in input order."""
+    store = distattr.open_store(str(path))
+    assert store.complete
+    return [out.sequences[0] for out in store]
