@@ -30,6 +30,26 @@ def tiny():
     return make
 
 
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """``tiny_dir(kind)`` -> a folder holding a tiny random model of ``kind`` and its tokenizer, for code that loads
+    models by path (the CLI, Ray actors, worker processes); saved once per session."""
+    from tiny import tiny_model
+
+    folders: dict[str, str] = {}
+
+    def make(kind: str = "gpt2") -> str:
+        if kind not in folders:
+            folder = tmp_path_factory.mktemp(f"tiny-{kind}")
+            model, tok = tiny_model(kind)
+            model.save_pretrained(folder)
+            tok.save_pretrained(folder)
+            folders[kind] = str(folder)
+        return folders[kind]
+
+    return make
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models are overhead-bound: one intra-op thread is several times faster than two on a busy machine.

@@ -13,14 +13,8 @@ from distattr.steps import STEP_FUNCTIONS
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from tiny import tiny_model
-
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    model, tok = tiny_model("gpt2")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
+def model_dir(tiny_dir):
+    return tiny_dir("gpt2")
 
 
 def test_attribute_writes_json_html_and_prints_heatmaps(model_dir, tmp_path, capsys):

@@ -30,18 +30,14 @@ def prompts(n: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
+def folders(tiny_dir):
     """Tiny GPT-2 and T5 models saved as folders (each actor loads its own replica)."""
-    from tiny import tiny_model
+    return {kind: tiny_dir(kind) for kind in ("gpt2", "t5")}
 
-    out = {}
-    for kind in ("gpt2", "t5"):
-        folder = tmp_path_factory.mktemp(kind)
-        model, tok = tiny_model(kind)
-        model.save_pretrained(folder)
-        tok.save_pretrained(folder)
-        out[kind] = str(folder)
-    return out
+
+def write_jsonl(path, rows: list[dict]):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def reference(folder: str, rows: list[dict], method: str = "saliency", generation_args=None, **kwargs):
@@ -176,8 +172,7 @@ def _cli(*args: str) -> list[str]:
 @pytest.mark.slow
 def test_driver_killed_then_rerun_resumes(ray_head, folders, tmp_path):
     rows = prompts(16)
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
     url = str(tmp_path / "driver.zarr")
     cmd = _cli("--model", folders["gpt2"], "--method", "integrated_gradients", "--method-arg", "n_steps=100",
                "--data", str(data), "--id-field", "uid", "--max-new-tokens", "4", "--store", url,
@@ -206,8 +201,7 @@ def test_driver_killed_then_rerun_resumes(ray_head, folders, tmp_path):
 @pytest.mark.slow
 def test_ray_job_submit(ray_head, folders, tmp_path):
     rows = prompts(6)
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
     url = str(tmp_path / "job.zarr")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head.dashboard,

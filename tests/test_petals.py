@@ -107,14 +107,8 @@ def test_legacy_config_for_petals_servers():
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    from tiny import tiny_model
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model, tok = tiny_model("llama")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
+def tiny_folder(tiny_dir):
+    return tiny_dir("llama")
 
 
 def fake_remote(folder: str, method: str = "saliency", *worker_args: str, timeout: float = 60) -> AttributionModel:
