@@ -16,7 +16,6 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from urllib.parse import urlparse
 
 from ..store import io as store_io
@@ -134,7 +133,7 @@ def run_job(job: JobSpec, data, fields: Fields, resources: Resources = Resources
     summary = dataclasses.replace(summary, complete=complete, wall_s=time.perf_counter() - started, store=job.store,
                                   skipped_units=plan.skipped)
     attrs = group.attrs.asdict()
-    provenance = {**attrs["provenance"], "finished": _now(), "summary": asdict(summary)}
+    provenance = {**attrs["provenance"], "finished": store_io.now_utc(), "summary": asdict(summary)}
     group.attrs.update({"status": "complete" if complete else "writing", "provenance": provenance})
     return summary
 
@@ -211,7 +210,7 @@ def _identity(job: JobSpec, fields: Fields, info: Survey, probe: dict) -> dict:
 def _provenance(job: JobSpec, probe: dict) -> dict:
     from ..api import versions
 
-    return {"model": probe["model"], "versions": versions(), "created": _now(), "command": " ".join(sys.argv),
+    return {"model": probe["model"], "versions": versions(), "created": store_io.now_utc(), "command": " ".join(sys.argv),
             "performance_args": {k: job.attribute_args.get(k) for k in PERFORMANCE_ARGS}}
 
 
@@ -229,10 +228,6 @@ def _open_or_create(job: JobSpec, schema: Schema, identity: dict, provenance: di
     group = store_io.open_group(job.store, "r+", job.storage_options)
     group.attrs.update({"status": "writing"})
     return group, store_io.done_cells(group, Schema.from_json(attrs["schema"]))
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _say(enabled: bool, message: str) -> None:

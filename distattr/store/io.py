@@ -89,13 +89,13 @@ def done_cells(group, schema: Schema) -> set[tuple[int, int]]:
     async def collect() -> list[str]:
         return [key async for key in group.store.list_prefix(_prefix(group, "done/c/"))]
 
+    # A chunk key exists only while its cell holds 1: zarr stores no chunk equal to the fill value 0 (and deletes
+    # one rewritten to 0), so the listing alone is the answer; no cell needs to be read.
     cells = set()
     for key in sync(collect()):
-        unit, part = key.rsplit("/", 2)[-2:]
-        cells.add((int(unit), int(part)))
-    if cells:  # the keys say a chunk exists; its value says done (a rewrite to 0 would leave no key)
-        done = group["done"][:]
-        cells = {(u, p) for u, p in cells if u < schema.n_units and p < schema.max_parts and done[u, p]}
+        unit, part = (int(x) for x in key.rsplit("/", 2)[-2:])
+        if unit < schema.n_units and part < schema.max_parts:
+            cells.add((unit, part))
     return cells
 
 
@@ -247,7 +247,7 @@ def save_outputs(url: str, outputs, *, ids=None, metas=None, unit_size: int = 16
                             "n_examples": len(seqs), "source": "save_outputs"}
     identity = {**identity, "n_examples": len(seqs)}
     provenance = {"model": {k: v for k, v in info.items() if k.startswith(("model_", "tokenizer_", "dtype"))},
-                  "versions": info.get("versions", {}), "created": _now()}
+                  "versions": info.get("versions", {}), "created": now_utc()}
     group = create(url, schema, identity, provenance, storage_options, overwrite=overwrite)
     for unit in range(schema.n_units):
         chunk = range(unit * unit_size, min((unit + 1) * unit_size, len(seqs)))
@@ -269,7 +269,8 @@ def _info_meta(info: dict, j: int) -> dict:
     return out
 
 
-def _now() -> str:
+def now_utc() -> str:
+    """The time stamps of store attributes: UTC, ISO 8601, seconds."""
     from datetime import datetime, timezone
 
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
