@@ -25,6 +25,7 @@ from .models.adapters import Adapter, dropout_rerun, id_rows, input_device
 from .models.loading import LoadedModel
 from .models.memory import default_token_budget
 from .models.quantization import guard_4bit_gradients
+from .models.small_batch import small_batch_linears
 from .results import AttributionOutput, SequenceAttribution
 from .steps import Contrast, StepContext, get_step_function
 
@@ -152,7 +153,7 @@ def _generate(loaded: LoadedModel, sources: list[list[int]], args: dict, batch_s
             else:  # left padding so that generation continues right after each prompt
                 ids[i, width - len(s) :], mask[i, width - len(s) :] = torch.tensor(s), 1
         kwargs = {"do_sample": False, **args}
-        with torch.no_grad():
+        with torch.no_grad(), small_batch_linears(model):
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=pad,
                                  **kwargs)
         for row in out.tolist():
