@@ -186,4 +186,6 @@ def load_model(
     loaded = load(model, tokenizer, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
                   quantization=quantization, revision=revision, model_kwargs=model_kwargs,
                   tokenizer_kwargs=tokenizer_kwargs)
-    return AttributionModel(loaded=loaded, adapter=wrap_model(loaded.model), method=method, method_args=method_args)
+    remote = loaded.source.get("kind") == "petals"  # remote blocks take no KV cache
+    adapter = wrap_model(loaded.model, prefix_cache=not remote)
+    return AttributionModel(loaded=loaded, adapter=adapter, method=method, method_args=method_args)

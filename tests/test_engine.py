@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distattr.methods.base import Example
-from distattr.methods.rows import choose_width, pack, plan_units, unit_cost
+from distattr.methods.rows import choose_width, pack, pack_suffixes, plan_units, unit_cost
 
 PROMPT = "the cat is located in the city of"
 
@@ -151,3 +151,43 @@ def test_several_layers_in_one_pass_equal_one_layer_at_a_time(tiny):
     for i, name in enumerate(layers):
         alone = m.attribute(PROMPT, generated, target_layer=name, show_progress=False)[0]
         _close(together.target_attributions[..., i], alone.target_attributions)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("steps_per_row", [1, None])
+@pytest.mark.parametrize("token_budget", [16, 200])
+def test_sequential_ig_from_a_cached_prefix_equals_whole_rows(tiny, kind, steps_per_row, token_budget):
+    """Rows moving token j start at j after the clean prefix's KV cache; the values equal rows run whole."""
+    import dataclasses
+
+    from distattr.models.adapters import wrap_model
+
+    cached = tiny(kind, "sequential_integrated_gradients", n_steps=5)
+    assert cached.adapter.cache_argument is not None
+    whole = dataclasses.replace(cached, adapter=wrap_model(cached.model, prefix_cache=False))
+    args = {"generation_args": {"max_new_tokens": 5, "min_new_tokens": 5}, "steps_per_row": steps_per_row,
+            "token_budget": token_budget, "show_progress": False}
+    prompts = [PROMPT, "a dog"]
+    for a, b in zip(cached.attribute(prompts, **args), whole.attribute(prompts, **args), strict=True):
+        _close(a.target_attributions, b.target_attributions, rel=1e-5)
+
+
+def test_pack_suffixes_covers_every_row_within_the_budget():
+    ex = Example(target_ids=torch.zeros(30, dtype=torch.long), target_baseline=torch.zeros(30, dtype=torch.long),
+                 start=10, end=30)
+    units = plan_units([ex], 4)
+    n = 3  # points per moved token: point q moves token q // n
+
+    def first(u, q):
+        return q // n
+
+    counts = [n * units[u].length for u in range(len(units))]
+    for budget in (8, 64, 1000):
+        batches = pack_suffixes(units, counts, budget, first)
+        rows = [(p.unit, q) for b in batches for p in b for q in p.points]
+        assert sorted(rows) == [(u, q) for u in range(len(units)) for q in range(counts[u])]
+        for b in batches:
+            assert len({p.unit for p in b}) == 1
+            (piece,) = b
+            width = units[piece.unit].length - first(piece.unit, piece.points[0])
+            assert len(piece.points) * width <= budget or len(piece.points) == 1

@@ -114,7 +114,7 @@ def tiny_folder(tiny_dir):
 def fake_remote(folder: str, method: str = "saliency", *worker_args: str, timeout: float = 60) -> AttributionModel:
     url = f"petals://{folder}?initial_peers={PEER}&dht_prefix=tiny&timeout={timeout}"
     loaded = petals.load_remote(url, command=[sys.executable, str(FAKE_WORKER), folder, *worker_args])
-    return AttributionModel(loaded=loaded, adapter=wrap_model(loaded.model), method=method)
+    return AttributionModel(loaded=loaded, adapter=wrap_model(loaded.model, prefix_cache=False), method=method)
 
 
 @pytest.fixture(scope="module")

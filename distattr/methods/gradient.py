@@ -42,7 +42,7 @@ from .base import (
     empty_outputs,
     reduce_hidden,
 )
-from .rows import Piece, Unit, pack, plan_units
+from .rows import Piece, Unit, pack, pack_suffixes, plan_units
 
 # Step slots per batched backward: at most this many times the token budget in (slots x batch tokens), which
 # bounds the backward's transient gradient memory (activations saved by the forward are not duplicated).
@@ -123,10 +123,17 @@ def gradient_attribution(req: Request, path: Path, layer: LayerTarget | None = N
     source_lens = [len(examples[u.example].source_ids) if enc_dec else 0 for u in units]
     counts = [path.n_points * len(_moved_tokens(req, unit)) if path.per_position else path.n_points
               for unit in units]
-    batches = pack(units, counts, req.token_budget, source_lens)
+    if _reuses_prefixes(req, path, layer):  # each row starts at its moved token, after a cached clean prefix
+        def first_position(u: int, q: int) -> int:
+            return _moved_tokens(req, units[u])[q // path.n_points][1]
+
+        batches = pack_suffixes(units, counts, req.token_budget, first_position)
+    else:
+        batches = pack(units, counts, req.token_budget, source_lens)
     accumulators: dict[int, _Accumulator] = {}
+    clean_caches: dict[tuple[int, ...], object] = {}  # the KV cache of the current batch's units, kept across batches
     for batch in batches:
-        _run_batch(req, path, layer, units, counts, batch, accumulators, outputs, sums)
+        _run_batch(req, path, layer, units, counts, batch, accumulators, outputs, sums, clean_caches)
         if req.on_progress is not None:
             finished = {p.unit for p in batch} - set(accumulators)
             req.on_progress(sum(len(units[u].steps) for u in finished),
@@ -138,6 +145,15 @@ def gradient_attribution(req: Request, path: Path, layer: LayerTarget | None = N
                      extra_labels=(layer.names,) if extra else ())
         for (s, t), d in zip(outputs, deltas, strict=True)
     ]
+
+
+def _reuses_prefixes(req: Request, path: Path, layer: LayerTarget | None) -> bool:
+    """Sequential IG on a causal decoder: a row that moves token ``j`` equals the input before ``j``, so it
+    runs from ``j`` on, after the KV cache of the clean prefix (no gradient flows to earlier positions, and
+    only the moved token's gradient is kept): about half the tokens forward and backward."""
+    adapter = req.adapter
+    return (path.per_position and layer is None and not adapter.is_encoder_decoder
+            and adapter.cache_argument is not None)
 
 
 def _moved_tokens(req: Request, unit: Unit) -> list[tuple[str, int]]:
@@ -214,12 +230,16 @@ def _unit_ids(req: Request, units: list[Unit], rows: _Rows, side: str):
 
 def _run_batch(req: Request, path: Path, layer: LayerTarget | None, units: list[Unit], counts: list[int],
                batch: list[Piece], accumulators: dict[int, _Accumulator], outputs: list,
-               sums: list[torch.Tensor]) -> None:
+               sums: list[torch.Tensor], clean_caches: dict) -> None:
     """One forward over the batch's rows, then the backward of every step slot, several slots per batched
-    (``vmap``) backward; results go to the units."""
+    (``vmap``) backward; results go to the units. ``clean_caches`` holds the KV cache of the last batch's
+    units (sequential IG with cached prefixes: consecutive batches of one unit share it)."""
     adapter = req.adapter
     device = adapter.input_device
     rows = _expand(req, units, batch, path, device)
+    # Positions before `prefix` are the same clean input in every row: they come from a KV cache.
+    prefix = min(position for _, position in rows.moved) if _reuses_prefixes(req, path, layer) else 0
+    clean_prefix = None
     sides = ["target", "source"] if adapter.is_encoder_decoder else ["target"]
     ids = {side: _unit_ids(req, units, rows, side) for side in sides}  # per unit, expanded to rows below
     inputs, leaves, multipliers, hooks = {}, {}, {}, []
@@ -252,6 +272,14 @@ def _run_batch(req: Request, path: Path, layer: LayerTarget | None, units: list[
                         mask[r, position] = 1.0
                 z = x + mask[..., None] * (z - x)
                 multipliers[side] = mask[..., None] * (x - b if multipliers[side] is None else multipliers[side])
+            if prefix:
+                key = tuple(rows.units)
+                if key not in clean_caches:
+                    clean_caches.clear()
+                    clean_caches[key] = adapter.prefix_cache(adapter.embed(ids[side][0]))
+                inputs["past"] = adapter.take_prefix(clean_caches[key], prefix, rows.local)
+                clean_prefix = x[:, :prefix].detach()
+                z = z[:, prefix:]
             inputs[f"{side}_embeds"] = leaves[side] = z.detach().requires_grad_(True)
     else:
         for side in sides:
@@ -269,44 +297,65 @@ def _run_batch(req: Request, path: Path, layer: LayerTarget | None, units: list[
     for r, u in enumerate(rows.unit):
         ex = req.examples[units[u].example]
         for k, t in enumerate(units[u].steps):
+            if t - 1 < prefix:  # the row's moved token comes after this step's position: zero gradient
+                continue
             scored[r, t - 1] = True
             slot_of.append(k)
             entries.append((ex, t))
     model_rows = RowInputs(**inputs)
+    whole_rows = model_rows  # MC dropout reruns whole rows
+    if prefix:
+        whole_rows = RowInputs(target_embeds=torch.cat([clean_prefix, leaves["target"]], dim=1))
     try:
         with torch.enable_grad():
             with _recorded_head_inputs(adapter) as head_inputs:
-                logits = adapter.forward(model_rows, scored).logits
-                rerun = dropout_rerun(adapter, model_rows, scored)
+                logits = adapter.forward(model_rows, scored[:, prefix:]).logits
+                rerun = dropout_rerun(adapter, whole_rows, scored)
                 f = check_differentiable(req.target_fn(logits, Picks.gather(entries), rerun))
             del logits
-            output, entry_rows, entry_cotangents = _backward_start(f, head_inputs, scored)
-            slot = torch.tensor(slot_of, device=output.device)
+            output, entry_rows, entry_cotangents = _backward_start(f, head_inputs, scored[:, prefix:])
             del f
-            n_slots = int(slot.max()) + 1
-            batch_tokens = scored.numel() + (inputs["source_mask"].numel() if "source_mask" in inputs else 0)
-            group = max(1, min(n_slots, VJP_TOKEN_FACTOR * req.token_budget // max(batch_tokens, 1)))
-            names = list(leaves)
-            for first in range(0, n_slots, group):  # several step slots per backward, batched with vmap
-                slots = range(first, min(n_slots, first + group))
-                cotangents = output.new_zeros((len(slots), *output.shape))
-                chosen = (slot >= first) & (slot < first + len(slots))
-                cotangents[slot[chosen] - first, entry_rows[chosen]] = entry_cotangents[chosen].to(output.dtype)
-                with warnings.catch_warnings():  # ops without a batching rule loop over slots: still exact
-                    warnings.filterwarnings("ignore", message=".*performance drop.*")
-                    grads = torch.autograd.grad(output, [leaves[n] for n in names], grad_outputs=cotangents,
-                                                retain_graph=slots[-1] < n_slots - 1, allow_unused=True,
-                                                is_grads_batched=True)
-                for i, k in enumerate(slots):
-                    step_grads = {n: None if g is None else g[i] for n, g in zip(names, grads, strict=True)}
-                    _accumulate(req, path, units, counts, batch, rows, k, step_grads, multipliers, accumulators,
-                                outputs, sums)
+            slot = torch.tensor(slot_of, device=output.device)
+            tokens = scored[:, prefix:].numel() + (inputs["source_mask"].numel() if "source_mask" in inputs else 0)
+            names = list(leaves)  # layer methods create theirs in the forward
+            for k, grads in _slot_gradients(output, entry_rows, entry_cotangents, slot, list(leaves.values()),
+                                            VJP_TOKEN_FACTOR * req.token_budget // max(tokens, 1)):
+                step_grads = {n: None if g is None else _left_pad(g, prefix) for n, g in zip(names, grads, strict=True)}
+                _accumulate(req, path, units, counts, batch, rows, k, step_grads, multipliers, accumulators, outputs,
+                            sums)
     finally:
         for h in hooks:
             h.remove()
     for u in rows.units:
         if accumulators[u].remaining == 0:
             del accumulators[u]
+
+
+def _slot_gradients(output: torch.Tensor, entry_rows: torch.Tensor, entry_cotangents: torch.Tensor,
+                    slot: torch.Tensor, leaves: list[torch.Tensor], group: int):
+    """Yield ``(slot k, [gradient of each leaf])`` for every step slot in ``slot [K]`` (the slot of each
+    entry), ``group`` slots per batched (``vmap``) backward from ``output`` (see :func:`_backward_start`)."""
+    first_slot, n_slots = int(slot.min()), int(slot.max()) + 1
+    group = max(1, min(n_slots - first_slot, group))
+    for first in range(first_slot, n_slots, group):
+        slots = range(first, min(n_slots, first + group))
+        cotangents = output.new_zeros((len(slots), *output.shape))
+        chosen = (slot >= first) & (slot < first + len(slots))
+        cotangents[slot[chosen] - first, entry_rows[chosen]] = entry_cotangents[chosen].to(output.dtype)
+        with warnings.catch_warnings():  # ops without a batching rule loop over slots: still exact
+            warnings.filterwarnings("ignore", message=".*performance drop.*")
+            grads = torch.autograd.grad(output, leaves, grad_outputs=cotangents,
+                                        retain_graph=slots[-1] < n_slots - 1, allow_unused=True,
+                                        is_grads_batched=True)
+        for i, k in enumerate(slots):
+            yield k, [None if g is None else g[i] for g in grads]
+
+
+def _left_pad(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``x [B, L, ...]`` with ``n`` zero positions prepended along dimension 1."""
+    if not n:
+        return x
+    return torch.cat([x.new_zeros((x.shape[0], n, *x.shape[2:])), x], dim=1)
 
 
 @contextmanager

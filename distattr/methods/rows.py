@@ -15,6 +15,7 @@ under a token budget.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .base import Example
@@ -106,4 +107,23 @@ def pack(
             width = new_width
     if current:
         batches.append(current)
+    return batches
+
+
+def pack_suffixes(units: list[Unit], counts: list[int], token_budget: int,
+                  first_position: Callable[[int, int], int]) -> list[list[Piece]]:
+    """Pack rows that start after a cached prefix: point ``q`` of unit ``u`` computes positions
+    ``first_position(u, q) .. length - 1`` only (non-decreasing in ``q``).
+
+    One unit per batch (the rows share that unit's cached prefix); consecutive points, as many as fit
+    ``token_budget`` at the width of the batch's first (longest) row.
+    """
+    batches: list[list[Piece]] = []
+    for u in sorted(range(len(units)), key=lambda u: -units[u].length):
+        first = 0
+        while first < counts[u]:
+            width = max(1, units[u].length - first_position(u, first))
+            last = min(counts[u], first + max(1, token_budget // width))
+            batches.append([Piece(u, tuple(range(first, last)))])
+            first = last
     return batches

@@ -11,6 +11,7 @@ vocabulary, ``K`` number of scored positions in the batch.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 
@@ -23,7 +24,8 @@ class RowInputs:
     """The model inputs of a batch of rows; exactly one of ``*_embeds`` / ``*_ids`` is set per side.
 
     ``target_*`` are the decoder inputs ``[B, L(, d)]``; ``source_*`` the encoder inputs ``[B, S(, d)]``
-    (encoder-decoder only) with ``source_mask`` ``[B, S]``.
+    (encoder-decoder only) with ``source_mask`` ``[B, S]``. ``past`` (decoder-only) is the KV cache of ``P``
+    earlier positions (:meth:`DecoderOnlyAdapter.prefix_cache`): the rows then hold positions ``P .. P+L-1``.
     """
 
     target_embeds: torch.Tensor | None = None
@@ -31,6 +33,7 @@ class RowInputs:
     source_embeds: torch.Tensor | None = None
     source_ids: torch.Tensor | None = None
     source_mask: torch.Tensor | None = None
+    past: object | None = None
 
 
 def _embed_scale(module: nn.Module) -> float:
@@ -59,18 +62,31 @@ def _keeps_logits(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+def _cache_argument(model: nn.Module) -> str | None:
+    """The name under which the model's forward takes a KV cache (``cache`` from transformers 5.2x,
+    ``past_key_values`` before), or None."""
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
 @dataclass(frozen=True)
 class DecoderOnlyAdapter:
-    """A causal LM (``AutoModelForCausalLM``): the attributed sequence is prompt + generation."""
+    """A causal LM (``AutoModelForCausalLM``): the attributed sequence is prompt + generation.
+
+    ``cache_argument`` names the forward's KV-cache argument when rows may start after a cached prefix
+    (:meth:`prefix_cache`); None where they may not (remote Petals blocks).
+    """
 
     model: nn.Module
     embed_scale: float
     keeps_logits: bool
+    cache_argument: str | None = None
     is_encoder_decoder: bool = False
 
     @classmethod
-    def wrap(cls, model: nn.Module) -> DecoderOnlyAdapter:
-        return cls(model=model, embed_scale=_embed_scale(model), keeps_logits=_keeps_logits(model))
+    def wrap(cls, model: nn.Module, prefix_cache: bool = True) -> DecoderOnlyAdapter:
+        return cls(model=model, embed_scale=_embed_scale(model), keeps_logits=_keeps_logits(model),
+                   cache_argument=_cache_argument(model) if prefix_cache else None)
 
     @property
     def embedding(self) -> nn.Module:
@@ -88,7 +104,26 @@ class DecoderOnlyAdapter:
         """Run the model; ``output.logits`` holds ``[K, V]`` logits at the True positions of ``scored [B, L]``."""
         inputs = {"inputs_embeds": rows.target_embeds} if rows.target_embeds is not None else {
             "input_ids": rows.target_ids}
+        if rows.past is not None:
+            inputs[self.cache_argument] = rows.past
         return _forward_scored(self.model, self.keeps_logits, scored, use_cache=False, **inputs, **kwargs)
+
+    def prefix_cache(self, embeds: torch.Tensor):
+        """The KV cache of a no-grad forward over ``embeds [U, P, d]`` (scaled input embeddings)."""
+        if self.cache_argument is None:
+            raise ValueError("This model cannot continue rows from a cached prefix")
+        with torch.no_grad():
+            out = self.model.get_decoder()(inputs_embeds=embeds, use_cache=True)
+        return out.get("cache", out.get("past_key_values"))
+
+    @staticmethod
+    def take_prefix(cache, length: int, rows: torch.Tensor):
+        """A copy of ``cache``'s first ``length`` positions, its batch expanded to ``rows [B]`` (indices into
+        the cached batch), for :attr:`RowInputs.past` (the model extends the cache it is given)."""
+        taken = copy.deepcopy(cache)
+        taken.crop(length - taken.get_seq_length())
+        taken.batch_select_indices(rows)
+        return taken
 
 
 @dataclass(frozen=True)
@@ -205,8 +240,9 @@ def dropout_rerun(adapter: Adapter, rows: RowInputs, scored: torch.Tensor):
     return rerun
 
 
-def wrap_model(model: nn.Module) -> Adapter:
-    """Pick the adapter from the model's config."""
+def wrap_model(model: nn.Module, prefix_cache: bool = True) -> Adapter:
+    """Pick the adapter from the model's config; ``prefix_cache=False`` for models whose blocks cannot take a
+    KV cache (Petals)."""
     if getattr(model.config, "is_encoder_decoder", False):
         return EncoderDecoderAdapter.wrap(model)
-    return DecoderOnlyAdapter.wrap(model)
+    return DecoderOnlyAdapter.wrap(model, prefix_cache=prefix_cache)
