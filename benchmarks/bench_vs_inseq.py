@@ -272,6 +272,15 @@ def _run_child(tool: str, method: str, args: argparse.Namespace, workdir: Path) 
     return summary
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median time (the first failed one if any failed), with every run's s/token."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    ordered = sorted(runs, key=lambda r: r["s_per_token"])
+    return {**ordered[(len(ordered) - 1) // 2], "runs_s_per_token": [r["s_per_token"] for r in runs]}
+
+
 def _fmt(x: float | None, spec: str) -> str:
     return "—" if x is None else format(x, spec)
 
@@ -285,7 +294,8 @@ def markdown(doc: dict) -> str:
         f"{v['transformers']}, inseq {v['inseq']}, distattr {v['distattr']}, Python {v['python']}.",
         f"Workload: {c['prompts']} prompts x {c['new_tokens']} greedy tokens, {c['threads']} torch threads per "
         f"process, inseq batch_size={c['inseq_batch_size'] or 'default'}; time = one `attribute` call "
-        "(generation + attribution) after load and warm-up.",
+        "(generation + attribution) after load and warm-up"
+        + (f", median of {c['repeats']} runs per tool, the tools alternating." if c.get("repeats", 1) > 1 else "."),
         "",
         "| method | inseq s/token | distattr s/token | speed-up (inseq/distattr) | inseq peak RSS (MiB) "
         "| distattr peak RSS (MiB) | same tokens | max rel. diff | equal |",
@@ -309,7 +319,7 @@ def _parent(args: argparse.Namespace) -> int:
     doc = {
         "benchmark": "distattr vs inseq", "model": MODEL, "machine": _machine(), "versions": _versions(),
         "config": {"methods": methods, "prompts": args.prompts, "new_tokens": args.new_tokens,
-                   "threads": args.threads, "inseq_batch_size": args.inseq_batch_size,
+                   "threads": args.threads, "inseq_batch_size": args.inseq_batch_size, "repeats": args.repeats,
                    "n_steps": args.n_steps if args.n_steps is not None else "method default (50)",
                    "generation_args": generation_args(args.new_tokens), "tolerance": args.tolerance,
                    "prompt_texts": list(PROMPTS[: args.prompts]), "inseq_attn_implementation": "eager"},
@@ -321,13 +331,17 @@ def _parent(args: argparse.Namespace) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         for method in methods:
             row = {"method": method}
+            runs: dict[str, list[dict]] = {tool: [] for tool in TOOLS}
+            for _ in range(args.repeats):  # the tools alternate, so that a slow spell of the machine hits both
+                for tool in TOOLS:
+                    kept = workdir / f"{tool}-{method}.json"
+                    if tool in args.reuse and kept.is_file():  # an earlier run's child output, same settings
+                        print(f"[{tool}/{method}] reusing {kept}", file=sys.stderr, flush=True)
+                        runs[tool] = [{**json.loads(kept.read_text()), "reused": True}]
+                        continue
+                    runs[tool].append(_run_child(tool, method, args, workdir))
             for tool in TOOLS:
-                kept = workdir / f"{tool}-{method}.json"
-                if tool in args.reuse and kept.is_file():  # an earlier run's child output, same settings
-                    print(f"[{tool}/{method}] reusing {kept}", file=sys.stderr, flush=True)
-                    row[tool] = {**json.loads(kept.read_text()), "reused": True}
-                    continue
-                row[tool] = _run_child(tool, method, args, workdir)
+                row[tool] = _median_run(runs[tool])
             if all("error" not in row[t] for t in TOOLS):
                 row["speedup"] = row["inseq"]["s_per_token"] / row["distattr"]["s_per_token"]
                 row["check"] = compare(workdir, method)
@@ -358,6 +372,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads in each child process")
     p.add_argument("--n-steps", type=int, default=None, help="integrated gradients steps (default: 50 on both)")
     p.add_argument("--inseq-batch-size", type=int, default=1, help="inseq batch_size (0: inseq's default, all)")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each tool, alternating; the median is reported")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max allowed rel. difference")
     p.add_argument("--output", default="results.json", help="JSON file with every number")
     p.add_argument("--markdown", default=None, help="also write the markdown table to this file")
@@ -370,8 +385,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 1 <= args.prompts <= len(PROMPTS):
         p.error(f"--prompts must be between 1 and {len(PROMPTS)}")
-    if args.new_tokens < 1 or args.threads < 1 or args.inseq_batch_size < 0:
-        p.error("--new-tokens and --threads must be >= 1, --inseq-batch-size >= 0")
+    if args.new_tokens < 1 or args.threads < 1 or args.inseq_batch_size < 0 or args.repeats < 1:
+        p.error("--new-tokens, --threads and --repeats must be >= 1, --inseq-batch-size >= 0")
     return args
 
 

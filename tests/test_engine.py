@@ -191,3 +191,21 @@ def test_pack_suffixes_covers_every_row_within_the_budget():
             (piece,) = b
             width = units[piece.unit].length - first(piece.unit, piece.points[0])
             assert len(piece.points) * width <= budget or len(piece.points) == 1
+
+
+def test_short_rows_run_eager_attention_on_the_cpu_with_the_same_values(tiny):
+    from distattr.models.adapters import EAGER_EXTRA_MEMORY, batched_backward_attention
+
+    m = tiny("llama", "integrated_gradients", n_steps=4)
+    eager = m.attribute(PROMPT, generation_args={"max_new_tokens": 4}, show_progress=False)[0]
+    m.model.set_attn_implementation("sdpa")
+    config = m.model.config
+    longest_short = int(EAGER_EXTRA_MEMORY * 16 * config.hidden_size // config.num_attention_heads)
+    with batched_backward_attention(m.model, longest_short) as switched:
+        assert switched and config._attn_implementation == "eager"
+    assert config._attn_implementation == "sdpa"
+    with batched_backward_attention(m.model, longest_short + 1) as switched:
+        assert not switched and config._attn_implementation == "sdpa"
+    sdpa = m.attribute(PROMPT, m.tokenizer.decode(eager.target_ids[1:]), show_progress=False)[0]  # same tokens
+    assert config._attn_implementation == "sdpa"
+    _close(sdpa.target_attributions, eager.target_attributions, rel=1e-5)

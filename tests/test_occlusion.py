@@ -65,3 +65,22 @@ def test_occlusion_takes_any_target_and_a_tight_budget(tiny):
     np.testing.assert_array_equal(loose[0].target_attributions, tight[0].target_attributions)
     with pytest.raises(ValueError, match="Valid arguments: absolute"):
         distattr.load_model(m.model, "occlusion", tokenizer=m.tokenizer, sliding_window_shapes=(1, 32))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_rows_after_the_clean_prefix_cache_equal_whole_rows(tiny, kind):
+    import dataclasses
+
+    from distattr.models.adapters import wrap_model
+
+    cached = tiny(kind, "occlusion", absolute=False)
+    whole = dataclasses.replace(cached, adapter=wrap_model(cached.model, prefix_cache=False))
+    prompts = [PROMPT, "a dog"]
+    args = {"generation_args": {"max_new_tokens": 5, "min_new_tokens": 5}, "attributed_fn": "contrast_prob_diff",
+            "contrast_targets": ["the cat is located in the city of rome , italy", "a dog is a b c"],
+            "contrast_targets_alignments": "auto", "step_scores": ["probability"], "show_progress": False}
+    for budget in (4, 1000):
+        for a, b in zip(cached.attribute(prompts, token_budget=budget, **args),
+                        whole.attribute(prompts, token_budget=budget, **args), strict=True):
+            np.testing.assert_allclose(a.target_attributions, b.target_attributions, atol=1e-6, equal_nan=True)
+            assert np.isfinite(a.target_attributions[: a.attr_pos_start]).all()

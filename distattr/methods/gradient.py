@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models.adapters import RowInputs, dropout_rerun, id_rows
+from ..models.adapters import RowInputs, batched_backward_attention, dropout_rerun, id_rows
 from .base import (
     Example,
     MethodOutput,
@@ -308,7 +308,8 @@ def _run_batch(req: Request, path: Path, layer: LayerTarget | None, units: list[
         whole_rows = RowInputs(target_embeds=torch.cat([clean_prefix, leaves["target"]], dim=1))
     try:
         with torch.enable_grad():
-            with _recorded_head_inputs(adapter) as head_inputs:
+            longest = max(scored.shape[1], inputs["source_mask"].shape[1] if "source_mask" in inputs else 0)
+            with _recorded_head_inputs(adapter) as head_inputs, batched_backward_attention(adapter.model, longest):
                 logits = adapter.forward(model_rows, scored[:, prefix:]).logits
                 rerun = dropout_rerun(adapter, whole_rows, scored)
                 f = check_differentiable(req.target_fn(logits, Picks.gather(entries), rerun))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -204,6 +206,36 @@ def _forward_scored(model: nn.Module, keeps_logits: bool, scored: torch.Tensor, 
 
 
 Adapter = DecoderOnlyAdapter | EncoderDecoderAdapter
+
+# Eager attention saves each layer's [heads, L, L] attention weights for the backward; the rest of a layer
+# saves about 16 hidden-size vectors per token (models/memory.py). Short rows switch to eager attention while
+# that stays below this fraction of the rest.
+EAGER_EXTRA_MEMORY = 0.25
+
+
+@contextmanager
+def batched_backward_attention(model: nn.Module, length: int) -> Iterator[bool]:
+    """Within the block, a CPU model using SDPA attention runs eager attention instead when its rows are at
+    most ``length`` tokens long and that costs little memory; yields whether it switched.
+
+    The gradient kernel batches its step backwards with ``vmap`` (methods/gradient.py). PyTorch has no
+    batching rule for the CPU SDPA kernel's backward, so ``vmap`` runs it once per step slot; eager
+    attention (matrix products and a softmax) batches. Measured on SmolLM2-135M (2-core CPU): saliency and
+    sequential IG about 13% faster, same values.
+    """
+    config = model.config
+    heads, hidden = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
+    switch = (getattr(config, "_attn_implementation", None) == "sdpa" and input_device(model).type == "cpu"
+              and heads is not None and hidden is not None
+              and heads * length <= EAGER_EXTRA_MEMORY * 16 * hidden)
+    if not switch:
+        yield False
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield True
+    finally:
+        model.set_attn_implementation("sdpa")
 
 
 def id_rows(adapter: Adapter, rows: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]):
