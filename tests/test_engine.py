@@ -163,7 +163,7 @@ def test_sequential_ig_from_a_cached_prefix_equals_whole_rows(tiny, kind, steps_
     from distattr.models.adapters import wrap_model
 
     cached = tiny(kind, "sequential_integrated_gradients", n_steps=5)
-    assert cached.adapter.cache_argument is not None
+    assert cached.adapter.caches_prefixes
     whole = dataclasses.replace(cached, adapter=wrap_model(cached.model, prefix_cache=False))
     args = {"generation_args": {"max_new_tokens": 5, "min_new_tokens": 5}, "steps_per_row": steps_per_row,
             "token_budget": token_budget, "show_progress": False}

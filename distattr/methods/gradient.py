@@ -151,9 +151,7 @@ def _reuses_prefixes(req: Request, path: Path, layer: LayerTarget | None) -> boo
     """Sequential IG on a causal decoder: a row that moves token ``j`` equals the input before ``j``, so it
     runs from ``j`` on, after the KV cache of the clean prefix (no gradient flows to earlier positions, and
     only the moved token's gradient is kept): about half the tokens forward and backward."""
-    adapter = req.adapter
-    return (path.per_position and layer is None and not adapter.is_encoder_decoder
-            and adapter.cache_argument is not None)
+    return path.per_position and layer is None and req.adapter.caches_prefixes
 
 
 def _moved_tokens(req: Request, unit: Unit) -> list[tuple[str, int]]:

@@ -43,8 +43,8 @@ def occlusion_attribution(req: Request, absolute: bool = True) -> list[MethodOut
         if enc_dec:
             rows += [_Occluded("source", j) for j in range(len(ex.source_ids))
                      if ex.source_baseline[j] != ex.source_ids[j]]
-        cached = not enc_dec and getattr(adapter, "cache_argument", None) is not None
-        scores = _score_after_clean_prefix(req, ex, rows) if cached else _score_rows(req, ex, rows)  # [rows, T]
+        score = _score_after_clean_prefix if adapter.caches_prefixes else _score_rows
+        scores = score(req, ex, rows)  # [rows, T]
         delta = scores[0:1] - scores[1:]
         if absolute:
             delta = delta.abs()

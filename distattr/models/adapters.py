@@ -98,6 +98,11 @@ class DecoderOnlyAdapter:
     def input_device(self) -> torch.device:
         return input_device(self.model)
 
+    @property
+    def caches_prefixes(self) -> bool:
+        """Whether rows may start after a cached prefix (:attr:`RowInputs.past`)."""
+        return self.cache_argument is not None
+
     def embed(self, ids: torch.Tensor, side: str = "target") -> torch.Tensor:
         """``ids [..., L]`` -> ``[..., L, d]`` in the space gradients are taken in (scaled embeddings)."""
         return self.embedding(ids.to(self.input_device)) * self.embed_scale
@@ -137,6 +142,7 @@ class EncoderDecoderAdapter:
     keeps_logits: bool
     decoder_divisor: float = 1.0
     is_encoder_decoder: bool = True
+    caches_prefixes: bool = False  # rows always hold the whole decoder sequence
 
     @classmethod
     def wrap(cls, model: nn.Module) -> EncoderDecoderAdapter:
