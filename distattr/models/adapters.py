@@ -232,6 +232,7 @@ def batched_backward_attention(model: nn.Module, length: int) -> Iterator[bool]:
     config = model.config
     heads, hidden = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
     switch = (getattr(config, "_attn_implementation", None) == "sdpa" and input_device(model).type == "cpu"
+              and hasattr(model, "set_attn_implementation")  # transformers >= 4.5x
               and heads is not None and hidden is not None
               and heads * length <= EAGER_EXTRA_MEMORY * 16 * hidden)
     if not switch:
