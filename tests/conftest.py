@@ -81,3 +81,34 @@ def ray_head(tmp_path_factory):
 
         ray.shutdown()
         head.stop()
+
+
+@pytest.fixture
+def s3_server(tmp_path):
+    """A moto S3 server on 127.0.0.1 with one bucket (``distattr-test``); yields fsspec storage options."""
+    import subprocess
+    import time
+
+    from raycluster import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
+    try:
+        import s3fs
+
+        deadline = time.time() + 60
+        while True:
+            try:
+                fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+                fs.call_s3("create_bucket", Bucket="distattr-test")
+                break
+            except Exception:
+                if time.time() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.3)
+        yield options
+    finally:
+        server.kill()
+        server.wait()

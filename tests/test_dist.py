@@ -216,32 +216,6 @@ def test_ray_job_submit(ray_head, folders, tmp_path):
     assert_same(store, rows, ref)
 
 
-@pytest.fixture
-def s3_server(tmp_path):
-    """A moto S3 server on 127.0.0.1 with one bucket; yields fsspec storage options."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
-    try:
-        import s3fs
-
-        deadline = time.time() + 60
-        while True:
-            try:
-                fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
-                fs.call_s3("create_bucket", Bucket="distattr-test")
-                break
-            except Exception:
-                if time.time() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(0.3)
-        yield options
-    finally:
-        server.kill()
-        server.wait()
-
-
 @pytest.mark.slow
 def test_store_on_s3_compatible_server(ray_head, folders, s3_server):
     rows = prompts(8)

@@ -3,8 +3,9 @@
 Every dataset-wide statistic maps a function over :class:`Block` s and combines the small results in a tree, so
 memory is bounded by a few blocks (``block_bytes`` of attributions each, default 8 MiB) whatever the dataset size.
 A block holds whole Zarr chunks: a multiple of the store's slot chunk, one step chunk (``steps_chunk`` columns)
-and every entry of the extra dims (layer, head). Slots that are empty or filtered out (``where``) stay in the block
-with ``selected`` False; dataset order is restored at the end from ``example_index``.
+and every entry of the extra dims (layer, head). Slots without a result (empty, unit not complete, failed: see
+:attr:`~distattr.store.reader.Store.valid_slots`) or filtered out (``where``) stay in the block with ``selected``
+False; dataset order is restored at the end from ``example_index``.
 """
 
 from __future__ import annotations
@@ -150,18 +151,18 @@ def parse_where(items: Sequence[str] | None) -> tuple[Condition, ...]:
 
 
 def selection(store: Store, where: Sequence[Condition | str] = (), chunk_slots: int = 65536) -> np.ndarray:
-    """``[n_slots]`` bool: the slot holds an example that passes every condition. Reads the slot fields (and the
-    metadata strings when a condition needs them) ``chunk_slots`` at a time."""
+    """``[n_slots]`` bool: the slot holds a result (:attr:`Store.valid_slots`: its unit is complete, the example did
+    not fail) that passes every condition. Reads the slot fields (and the metadata strings when a condition needs
+    them) ``chunk_slots`` at a time."""
     conditions = tuple(c if isinstance(c, Condition) else parse_where([c])[0] for c in where)
     g = store.group
-    index = g["example_index"][:]
-    keep = index >= 0
+    keep = store.valid_slots.copy()
     if not conditions:
         return keep
     meta_fields = {c.field for c in conditions} - {*NUMERIC_FIELDS, "example_id"}
     seen: set[str] = set()
-    for start in range(0, len(index), chunk_slots):
-        rows = slice(start, min(start + chunk_slots, len(index)))
+    for start in range(0, len(keep), chunk_slots):
+        rows = slice(start, min(start + chunk_slots, len(keep)))
         fields = _slot_fields(g, rows)
         if meta_fields:
             metas = [json.loads(str(m) or "{}") for m in g["meta"][rows]]

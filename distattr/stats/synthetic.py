@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..store.io import create
-from ..store.layout import Schema
+from ..store.layout import STATUS_EMPTY, STATUS_OK, Schema
 
 TOPICS = ("science", "sports", "politics", "art")
 
@@ -54,7 +54,8 @@ def write_synthetic_store(url: str, n_examples: int, *, seed: int = 0, prompt: t
                     step_scores=("probability",))
     identity = {"model": "synthetic", "method": "synthetic", "method_args": {"seed": seed}, "n_examples": n_examples,
                 "source": "write_synthetic_store"}
-    group = create(url, schema, identity, {"model": {"model_name": "synthetic"}}, overwrite=overwrite)
+    group = create(url, schema, identity, {"model": {"model_name": "synthetic"}}, overwrite=overwrite,
+                   unit_parts=[1] * schema.n_units)
     focus = np.empty(n_examples)
     slab = slab_units * unit_size
     for base in range(0, schema.n_slots, slab):
@@ -111,6 +112,7 @@ def _slab(schema: Schema, rng: np.random.Generator, base: int, count: int, slab:
     blocks = {
         "example_index": padded(base + order, -1, np.int64),
         "example_id": padded(np.array([f"ex-{base + i:07d}" for i in order], dtype=object), ""),
+        "status": padded(np.full(count, STATUS_OK, np.int8), STATUS_EMPTY),
         "meta": meta,
         "n_source": padded(p.astype(np.int32), -1), "n_target": padded(n_target.astype(np.int32), -1),
         "attr_pos_start": padded(p.astype(np.int32), -1), "attr_pos_end": padded(n_target.astype(np.int32), -1),

@@ -11,6 +11,8 @@ Arrays (N = n_units * unit_size slots, S = max_source, T = max_target, K = max_s
 
 ==========================  ==================  =====================================================
 ``example_index``           [N] int64           dataset position of the slot's example (-1: empty)
+``status``                  [N] int8            0: not written, 1: ok, 2: failed (see ``error``)
+``error``                   [N] str             why the example failed (one line; "" unless status 2)
 ``example_id``              [N] str             the example's id
 ``meta``                    [N] str             JSON: input text, generated text, kept fields
 ``n_source`` ``n_target``   [N] int32           token counts
@@ -22,7 +24,18 @@ Arrays (N = n_units * unit_size slots, S = max_source, T = max_target, K = max_s
 ``score_<name>``            [N, K] f32          one per step score
 ``deltas``                  [N, K] f32          completeness error, for methods that report it
 ``done``                    [U, P] int8         1 once part p of unit u is written (chunks of one cell)
+``unit_parts``              [U] int16           how many parts unit u has (set by ``create``; 4096 a chunk)
+``part_error``              [U, P] str          why part p > 0 of a split unit failed (chunks of one cell)
 ==========================  ==================  =====================================================
+
+What a reader may trust: ``done`` is the only truth. Unit ``u`` is *complete* when ``done[u, p]`` is set for every
+``p < unit_parts[u]`` (writers set it last, after every chunk of the part). A slot holds a result only when its unit
+is complete, ``example_index >= 0``, ``status`` is 1 and no ``part_error`` of its unit is set; a slot of a
+complete unit with ``status`` 2 or a ``part_error`` is a failed example (``error`` / ``part_error`` say why); every
+other slot is absent, whatever its arrays hold (a crash between the data and the marker leaves such slots). Within
+part 0, ``n_target`` is written after ``target_ids``, so ``n_target >= 0`` proves the target ids complete (a split
+unit's stored generation, reused on resume). A ``lease.json`` object at the root (not part of Zarr) names the
+driver that holds the store (:mod:`distattr.store.lease`).
 
 Root attributes: ``format``, ``version``, ``status`` ("writing" until every unit is done, then "complete"),
 ``identity`` (what the values depend on: a store is only resumed by the same identity), ``provenance``
@@ -37,9 +50,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 FORMAT = "distattr.store"
-VERSION = 1
+VERSION = 2
 CHUNK_BYTES = 8 << 20  # most uncompressed bytes per chunk of an attribution array
-SLOT_INFO = ("example_index", "example_id", "meta", "n_source", "n_target", "attr_pos_start", "attr_pos_end")
+SLOT_INFO = ("example_index", "example_id", "meta", "n_source", "n_target", "attr_pos_start", "attr_pos_end",
+             "status", "error")
+UNIT_PARTS_CHUNK = 4096  # units per chunk of ``unit_parts``
+STATUS_EMPTY, STATUS_OK, STATUS_FAILED = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -104,6 +120,9 @@ def matrix_chunks(schema: Schema, tokens: int) -> tuple[int, ...]:
     return (slots, tokens, schema.steps_chunk, *dims)
 
 
+UNIT_ARRAYS = ("done", "unit_parts", "part_error")  # the arrays over units, not slots
+
+
 def array_specs(schema: Schema) -> list[ArraySpec]:
     """Every array of a store with this schema."""
     n, k, s, t, c = schema.n_slots, schema.unit_size, schema.max_source, schema.max_target, schema.steps_chunk
@@ -112,6 +131,8 @@ def array_specs(schema: Schema) -> list[ArraySpec]:
     specs = [
         ArraySpec("example_index", (n,), (k,), "int64", -1, ("slot",)),
         ArraySpec("example_id", (n,), (k,), str, "", ("slot",)),
+        ArraySpec("status", (n,), (k,), "int8", STATUS_EMPTY, ("slot",)),
+        ArraySpec("error", (n,), (k,), str, "", ("slot",)),
         ArraySpec("meta", (n,), (k,), str, "", ("slot",)),
         ArraySpec("n_source", (n,), (k,), "int32", -1, ("slot",)),
         ArraySpec("n_target", (n,), (k,), "int32", -1, ("slot",)),
@@ -122,6 +143,8 @@ def array_specs(schema: Schema) -> list[ArraySpec]:
         ArraySpec("target_ids", (n, t), (k, t), "int32", -1, ("slot", "target_token")),
         ArraySpec("target_tokens", (n, t), (k, t), str, "", ("slot", "target_token")),
         ArraySpec("done", (schema.n_units, schema.max_parts), (1, 1), "int8", 0, ("unit", "part")),
+        ArraySpec("unit_parts", (schema.n_units,), (min(UNIT_PARTS_CHUNK, schema.n_units),), "int16", 0, ("unit",)),
+        ArraySpec("part_error", (schema.n_units, schema.max_parts), (1, 1), str, "", ("unit", "part")),
     ]
     if schema.source_attributions:
         specs.append(ArraySpec("source_attributions", (n, s, steps, *schema.dim_sizes), matrix_chunks(schema, s),

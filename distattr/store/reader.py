@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..results import AttributionOutput, SequenceAttribution
-from .io import exists, open_group, read_header
-from .layout import Schema
+from .io import SlotStates, exists, failure_list, open_group, read_header, slot_states
+from .layout import UNIT_ARRAYS, Schema
 
 
 class Store:
@@ -26,8 +26,10 @@ class Store:
         self.attrs = read_header(url, storage_options)
         self.group = open_group(url, "r", storage_options)
         self.schema = Schema.from_json(self.attrs["schema"])
+        self._states: SlotStates | None = None
         self._slot_of: np.ndarray | None = None
         self._ids: dict[str, int] | None = None
+        self._failures: list[tuple[int, str, str]] | None = None
 
     @property
     def identity(self) -> dict:
@@ -48,25 +50,51 @@ class Store:
         return int(self.identity["n_examples"])
 
     def __iter__(self) -> Iterator[AttributionOutput]:
+        """The results in dataset order; failed and absent examples are skipped (see :attr:`failures`)."""
         for i in range(len(self)):
             if self.slot(i) >= 0:
                 yield self[i]
 
-    def slot(self, index: int) -> int:
-        """The slot of dataset example ``index`` (-1: not written yet)."""
+    @property
+    def states(self) -> SlotStates:
+        """What every slot holds (read once, when first needed): see :class:`~distattr.store.io.SlotStates`."""
+        if self._states is None:
+            self._states = slot_states(self.group, self.schema)
+        return self._states
+
+    @property
+    def valid_slots(self) -> np.ndarray:
+        """``[n_slots]`` bool: the slot holds a result (its unit is complete and the example did not fail)."""
+        return self.states.valid
+
+    @property
+    def failures(self) -> list[tuple[int, str, str]]:
+        """``(example_index, example_id, message)`` of every failed example, in dataset order."""
+        if self._failures is None:
+            self._failures = failure_list(self.group, self.states)
+        return self._failures
+
+    def _slots(self) -> np.ndarray:
+        """``[n_examples]``: the slot of each example, valid or failed (-1: absent)."""
         if self._slot_of is None:
-            slots = self.group["example_index"][:]
+            states = self.states
             self._slot_of = np.full(len(self), -1, np.int64)
-            used = np.flatnonzero(slots >= 0)
-            self._slot_of[slots[used]] = used
-        return int(self._slot_of[index])
+            used = np.flatnonzero(states.valid | states.failed)
+            self._slot_of[states.example_index[used]] = used
+        return self._slot_of
+
+    def slot(self, index: int) -> int:
+        """The slot of dataset example ``index``; -1 when it has no result (not written yet, or failed)."""
+        slot = int(self._slots()[index])
+        return slot if slot >= 0 and self.states.valid[slot] else -1
 
     def get(self, example_id: str) -> AttributionOutput:
-        """The example with this id."""
+        """The example with this id (KeyError when it is not written yet or failed)."""
         if self._ids is None:
-            ids = self.group["example_id"][:]
-            index = self.group["example_index"][:]
-            self._ids = {str(i): int(x) for i, x in zip(ids, index, strict=True) if x >= 0}
+            slots = self._slots()
+            used = np.flatnonzero(slots >= 0)
+            ids = self.group["example_id"].get_coordinate_selection(slots[used]) if len(used) else []
+            self._ids = {str(i): int(x) for i, x in zip(ids, used, strict=True)}
         if example_id not in self._ids:
             raise KeyError(f"no example with id {example_id!r} in {self.url}"
                            + ("" if self.complete else " (the store is incomplete: resume the job)"))
@@ -82,7 +110,11 @@ class Store:
         index = int(index) % n
         slot = self.slot(index)
         if slot < 0:
-            raise KeyError(f"example {index} is not in {self.url} yet (the job is incomplete: resume it)")
+            failed = int(self._slots()[index])
+            if failed >= 0:
+                raise KeyError(f"example {index} ({self.group['example_id'][failed]}) failed: "
+                               f"{self.states.messages[failed]}")
+            raise KeyError(f"example {index} is not written in {self.url} yet (the job is incomplete: resume it)")
         seq, meta = self._sequence(slot)
         info = {**self.identity, **self.provenance.get("model", {}), "example_index": index,
                 "example_id": str(self.group["example_id"][slot]), **meta}
@@ -111,29 +143,31 @@ class Store:
         )
         return seq, json.loads(str(g["meta"][slot]) or "{}")
 
-    def to_xarray(self, examples_only: bool = True):
-        """Every array as a lazy, dask-backed ``xarray.Dataset``.
+    def to_xarray(self, examples_only: bool = True, include_failed: bool = False):
+        """Every per-slot array as a lazy, dask-backed ``xarray.Dataset``.
 
-        Dimensions: ``example`` (dataset order; with ``examples_only=False`` the raw ``slot`` axis, empty slots
-        included), ``source_token``/``target_token`` (padded, NaN beyond each example's ``n_source``/
-        ``n_target``), ``step`` (column ``c`` explains target position ``attr_pos_start + c``) and the method's
-        extra dims (``layer``, ``head``...). Coordinates: ``example_id``, ``example_index``.
+        Dimensions: ``example`` (dataset order, results only: failed and absent examples are left out, failed ones
+        kept with ``include_failed``; with ``examples_only=False`` the raw ``slot`` axis, every slot included, to be
+        judged by :attr:`valid_slots`), ``source_token``/``target_token`` (padded, NaN beyond each example's
+        ``n_source``/``n_target``), ``step`` (column ``c`` explains target position ``attr_pos_start + c``) and the
+        method's extra dims (``layer``, ``head``...). Coordinates: ``example_id``, ``example_index``; ``status``
+        (1 ok, 2 failed) and ``error`` are variables.
         """
         import xarray as xr
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = xr.open_zarr(self.group.store, group=self.group.path or None, zarr_format=3, consolidated=False)
-        ds = ds.drop_vars("done").set_coords(["example_id", "example_index"])
+        ds = ds.drop_vars([n for n in UNIT_ARRAYS if n in ds]).set_coords(["example_id", "example_index"])
         for dim, labels in zip(self.schema.dims, self.schema.dim_labels, strict=False):
             if labels and len(labels) == ds.sizes.get(dim):
                 ds = ds.assign_coords({dim: list(labels)})
         ds.attrs = {"identity": json.dumps(self.identity), "status": self.attrs.get("status")}
         if not examples_only:
             return ds
-        index = self.group["example_index"][:]
-        used = np.flatnonzero(index >= 0)
-        order = used[np.argsort(index[used], kind="stable")]
+        states = self.states
+        used = np.flatnonzero(states.valid | (states.failed if include_failed else False))
+        order = used[np.argsort(states.example_index[used], kind="stable")]
         return ds.isel(slot=order).rename({"slot": "example"})
 
     def __repr__(self) -> str:
