@@ -5,14 +5,21 @@ columns ``[part * split_steps, (part + 1) * split_steps)`` of its one example. T
 data order and :class:`PlanConfig`, so a resumed or retried job rebuilds the same units and writes the same
 regions. Examples are sorted by length inside windows of ``window`` units, which keeps padding low without
 reading the whole dataset.
+
+The driver reads the data twice: :func:`survey` (validation, fingerprint, array bounds, one 8-byte digest per
+unit) and the dispatch, whose units pass through :func:`checked_units` so that a unit that differs from the
+survey's (the data changed in between) is refused before it is sent anywhere.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from array import array
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from ..engine import encode_text
 from .data import DataError, Record, record_digest
@@ -55,9 +62,15 @@ class Unit:
     n_parts: int = 1
 
 
+def _frozen(values: np.ndarray) -> np.ndarray:
+    values.setflags(write=False)
+    return values
+
+
 @dataclass(frozen=True)
 class Survey:
-    """What one pass over the data learns: its size and fingerprint, the unit count and the array bounds."""
+    """What one pass over the data learns: its size and fingerprint, the unit count and the array bounds, and per
+    unit its digest and part count (for :func:`checked_units` and the store's ``unit_parts`` array)."""
 
     count: int
     fingerprint: str
@@ -66,15 +79,42 @@ class Survey:
     max_source: int
     max_target: int
     max_steps: int
+    # (n_units,) uint64, read-only: each unit's :func:`unit_digest` read as a little-endian integer
+    unit_digests: np.ndarray = field(default_factory=lambda: _frozen(np.zeros(0, np.uint64)), compare=False,
+                                     repr=False)
+    # (n_units,) uint32, read-only: each unit's n_parts (1, or the step ranges of its one split example)
+    unit_parts: np.ndarray = field(default_factory=lambda: _frozen(np.zeros(0, np.uint32)), compare=False,
+                                   repr=False)
 
 
-def sizer(tokenizer, enc_dec: bool, add_special: bool, max_new_tokens: int | None) -> Callable[[Record], Size]:
-    """``size(record)``: the example's token counts, the generated part bounded by ``max_new_tokens``."""
+def model_context(config) -> int | None:
+    """The most positions ``config``'s model takes (tokens per sequence; for an encoder-decoder, per side):
+    ``max_position_embeddings``, ``n_positions``, ``n_ctx`` or ``max_sequence_length``; None for a model
+    without a fixed limit (T5's relative positions)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
-    def size(record: Record) -> Size:
+
+@dataclass(frozen=True)
+class Sizer:
+    """``sizer(record) -> Size``: an example's token counts, the generated part bounded by ``max_new_tokens``;
+    with ``max_context`` it also says which examples the model cannot take (:meth:`too_long`)."""
+
+    tokenizer: object
+    enc_dec: bool
+    add_special: bool
+    max_new_tokens: int | None
+    max_context: int | None = None  # tokens per sequence (per side for an encoder-decoder); None: no limit
+
+    def __call__(self, record: Record) -> Size:
+        tokenizer, add_special, max_new_tokens = self.tokenizer, self.add_special, self.max_new_tokens
         source = len(encode_text(tokenizer, record.text, add_special))
         if record.target is not None:
-            if enc_dec:
+            if self.enc_dec:
                 target = 1 + len(encode_text(tokenizer, record.target, add_special, as_target=True))
                 return Size(source, target, target - 1)
             target = len(encode_text(tokenizer, record.target, add_special))
@@ -82,12 +122,41 @@ def sizer(tokenizer, enc_dec: bool, add_special: bool, max_new_tokens: int | Non
         if max_new_tokens is None:
             raise DataError(f"example {record.id!r} has no target text: give max_new_tokens (generation_args) so "
                             "the store's arrays can be sized, or a target field")
-        if enc_dec:
+        if self.enc_dec:
             steps = max_new_tokens + ENC_DEC_TARGET_SLACK
             return Size(source, steps + 1, steps)
         return Size(source, source + max_new_tokens, max_new_tokens)
 
-    return size
+    def too_long(self, size: Size) -> bool:
+        """Whether an example of ``size`` exceeds the context: decoder-only, prompt + generated or target tokens
+        (``size.target``); encoder-decoder, the source or the target sequence."""
+        if self.max_context is None:
+            return False
+        return size.target > self.max_context or (self.enc_dec and size.source > self.max_context)
+
+    def describe(self, record: Record, size: Size) -> str:
+        """``"row 12 id 'q-12': 2040 prompt + 32 generated"`` (token counts, for messages)."""
+        made = "target" if record.target is not None else "generated"
+        if self.enc_dec:
+            counts = f"{size.source} source, {size.target} {made}"
+        else:
+            counts = f"{size.source} prompt + {size.target - size.source} {made}"
+        return f"row {record.index} id {record.id!r}: {counts}"
+
+
+def sizer(tokenizer, enc_dec: bool, add_special: bool, max_new_tokens: int | None,
+          max_context: int | None = None) -> Sizer:
+    """``size(record)``: the example's token counts, the generated part bounded by ``max_new_tokens``; with
+    ``max_context`` (see :func:`model_context`), :func:`survey` refuses examples longer than the model's context."""
+    return Sizer(tokenizer, enc_dec, add_special, max_new_tokens, max_context)
+
+
+def unit_digest(unit: Unit) -> bytes:
+    """8 bytes that change when the unit's records (:func:`record_digest`, in order) or its ``n_parts`` do."""
+    digest = hashlib.blake2b(str(unit.n_parts).encode(), digest_size=8)
+    for record in unit.records:
+        digest.update(record_digest(record))
+    return digest.digest()
 
 
 def plan_units(records: Iterable[Record], size: Callable[[Record], Size], cfg: PlanConfig) -> Iterator[Unit]:
@@ -119,11 +188,15 @@ def plan_units(records: Iterable[Record], size: Callable[[Record], Size], cfg: P
 
 
 def survey(records: Iterable[Record], size: Callable[[Record], Size], cfg: PlanConfig) -> Survey:
-    """One pass: validate, reject duplicate ids, fingerprint (sha256 of the records in order), count units and
-    find the array bounds. Memory: 8 bytes per example id."""
+    """One pass: validate, reject duplicate ids, fingerprint (sha256 of the records in order), count units, digest
+    each unit and find the array bounds. With a :class:`Sizer` that has ``max_context``, examples longer than the
+    context are counted and refused in one :class:`DataError` after the pass (naming the first five).
+    Memory: about 8 bytes per example id and 12 bytes per unit."""
     digest = hashlib.sha256()
     seen: dict[bytes, int] = {}
     bounds = {"source": 0, "target": 0, "steps": 0}
+    limited = isinstance(size, Sizer) and size.max_context is not None
+    long_count, long_named = 0, []
 
     def checked() -> Iterator[Record]:
         for record in records:
@@ -136,17 +209,69 @@ def survey(records: Iterable[Record], size: Callable[[Record], Size], cfg: PlanC
             yield record
 
     def measured(record: Record) -> Size:
+        nonlocal long_count
         sz = size(record)
         bounds["source"] = max(bounds["source"], sz.source)
         bounds["target"] = max(bounds["target"], sz.target)
         bounds["steps"] = max(bounds["steps"], sz.steps)
+        if limited and size.too_long(sz):
+            long_count += 1
+            if len(long_named) < 5:
+                long_named.append(size.describe(record, sz))
         return sz
 
-    n_units = n_split = 0
+    digests, parts = bytearray(), array("I")
     for unit in plan_units(checked(), measured, cfg):
-        n_units += 1
-        n_split += unit.n_parts > 1
+        digests += unit_digest(unit)
+        parts.append(unit.n_parts)
     if not seen:
         raise DataError("the dataset has no examples")
-    return Survey(count=len(seen), fingerprint=digest.hexdigest(), n_units=n_units, n_split=n_split,
-                  max_source=bounds["source"], max_target=bounds["target"], max_steps=bounds["steps"])
+    if long_count:
+        raise _too_long(size, long_count, long_named)
+    unit_parts = np.array(parts, dtype=np.uint32)
+    return Survey(count=len(seen), fingerprint=digest.hexdigest(), n_units=len(parts),
+                  n_split=int(np.count_nonzero(unit_parts > 1)), max_source=bounds["source"],
+                  max_target=bounds["target"], max_steps=bounds["steps"],
+                  unit_digests=_frozen(np.frombuffer(bytes(digests), dtype="<u8").copy()),
+                  unit_parts=_frozen(unit_parts))
+
+
+def _too_long(size: Sizer, count: int, named: list[str]) -> DataError:
+    more = "; ..." if count > len(named) else ""
+    them = "them" if count > 1 else "it"
+    hint = ", or lower --max-new-tokens" if size.max_new_tokens is not None else ""
+    return DataError(f"{count} example{'s are' if count > 1 else ' is'} longer than the model's context of "
+                     f"{size.max_context} tokens ({'; '.join(named)}{more}): drop or shorten {them}{hint}")
+
+
+def checked_units(units: Iterable[Unit], survey: Survey) -> Iterator[Unit]:
+    """``units`` unchanged, each compared with the survey's unit of the same position before it is yielded: raises
+    a one-line :class:`DataError` at the first unit that differs (or when there are more or fewer units), so a
+    changed unit is never dispatched and no example is written into another example's slots."""
+    expected = survey.unit_digests.astype("<u8").tobytes()
+    count = 0
+    for unit in units:
+        if count >= survey.n_units:
+            raise _changed(f"unit {unit.id}, {_rows(unit)}: the survey planned only {survey.n_units} units")
+        if unit.id != count or unit_digest(unit) != expected[8 * count : 8 * count + 8]:
+            raise _changed(f"unit {count}, {_rows(unit)} differ")
+        count += 1
+        yield unit
+    if count != survey.n_units:
+        raise _changed(f"the dispatch ended after {count} of the survey's {survey.n_units} units")
+
+
+def _rows(unit: Unit) -> str:
+    """The unit's rows for a message: ``row 7``, ``rows 192-207`` or ``16 rows between 192 and 260``."""
+    indices = sorted(r.index for r in unit.records)
+    if len(indices) == 1:
+        return f"row {indices[0]}"
+    if indices[-1] - indices[0] + 1 == len(indices):
+        return f"rows {indices[0]}-{indices[-1]}"
+    return f"{len(indices)} rows between {indices[0]} and {indices[-1]}"
+
+
+def _changed(detail: str) -> DataError:
+    return DataError(f"the data changed between the survey and the dispatch ({detail}): examples could land in "
+                     "another example's slots; nothing was written for them. Do not edit the data while a job "
+                     "reads it (a ray.data source must keep its order)")
