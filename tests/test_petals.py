@@ -173,27 +173,112 @@ def test_padding_checks():
         petals._row_starts(holes, None, torch.Size([1, 4]))
 
 
-def test_a_swarm_that_stops_answering_times_out(tiny_folder):
-    remote = fake_remote(tiny_folder, "saliency", "--hang-after", "1", timeout=2)
+@pytest.mark.parametrize("hang_after, request_name", [(1, "forward"), (2, "backward")])
+def test_a_swarm_that_stops_answering_times_out(tiny_folder, hang_after, request_name):
+    """The worker answers `open` (and the forward), then hangs: the request times out, the worker is killed, and
+    both errors are PetalsUnavailable (the timeout still a TimeoutError), so a caller can start a new client."""
+    remote = fake_remote(tiny_folder, "saliency", "--hang-after", str(hang_after), timeout=2)
     client = remote.model.model.layers.remote.client
     started = time.monotonic()
-    with pytest.raises(TimeoutError, match="did not answer within 2 s"):
+    with pytest.raises(TimeoutError, match=f"did not answer within 2 s while trying to run a {request_name}") as error:
         remote.attribute("the cat is", generated_texts="the cat is big", show_progress=False)
     assert time.monotonic() - started < 20
+    assert isinstance(error.value, petals.PetalsUnavailable) and isinstance(error.value, petals.PetalsTimeout)
     assert client.process.poll() is not None  # the worker was stopped, by PID
-    with pytest.raises(RuntimeError, match="stopped earlier"):
+    with pytest.raises(petals.PetalsUnavailable, match="stopped earlier: timed out"):
         remote.attribute("the cat is", generated_texts="the cat is big", show_progress=False)
+
+
+def test_a_worker_killed_mid_session_is_unavailable(tiny_folder):
+    """A worker that dies between requests (killed, out of memory): the next request says it exited, the one after
+    that the client was stopped; both are PetalsUnavailable and neither is a timeout."""
+    remote = fake_remote(tiny_folder, "saliency")
+    client = remote.model.model.layers.remote.client
+    remote.attribute("the cat is", generated_texts="the cat is big", show_progress=False)  # a working session
+    os.killpg(client.pid, signal.SIGKILL)
+    client.process.wait(timeout=10)
+    with pytest.raises(petals.PetalsUnavailable, match="worker exited while trying to run a forward") as error:
+        remote.attribute("the cat is", generated_texts="the cat is big", show_progress=False)
+    assert not isinstance(error.value, TimeoutError)
+    with pytest.raises(petals.PetalsUnavailable, match="stopped earlier: the worker exited"):
+        remote.attribute("the cat is", generated_texts="the cat is big", show_progress=False)
+
+
+def test_a_closed_client_is_unavailable(tiny_folder):
+    remote = fake_remote(tiny_folder, "saliency")
+    remote.model.model.layers.remote.client.close()
+    with pytest.raises(petals.PetalsUnavailable, match="stopped earlier: closed"):
+        remote.attribute("the cat", generated_texts="the cat sat", show_progress=False)
 
 
 def test_a_swarm_without_the_blocks_is_an_error(tiny_folder):
-    with pytest.raises(RuntimeError, match="lacks blocks"):
+    with pytest.raises(petals.PetalsUnavailable, match="lacks blocks"):
         fake_remote(tiny_folder, "saliency", "--missing")
 
 
 def test_a_worker_that_dies_is_an_error(tiny_folder):
-    with pytest.raises(RuntimeError, match="worker exited") as error:
+    with pytest.raises(petals.PetalsUnavailable, match="worker exited") as error:
         fake_remote(tiny_folder, "saliency", "--no-such-option")
     assert "unrecognized arguments: --no-such-option" in str(error.value)  # the end of the worker's log
+
+
+def bare_client() -> petals.PetalsClient:
+    """A client without a worker, for the mapping of the worker's error replies."""
+    client = petals.PetalsClient.__new__(petals.PetalsClient)
+    client.spec = petals.parse_spec(f"petals://m?initial_peers={PEER}&dht_prefix=tiny")
+    return client
+
+
+@pytest.mark.parametrize("kind, error, expected, also", [
+    ("TimeoutError", "", petals.PetalsTimeout, TimeoutError),
+    ("P2PDaemonError", "Daemon failed to start", petals.PetalsUnavailable, RuntimeError),
+    ("ConnectionResetError", "reset by peer", petals.PetalsUnavailable, RuntimeError),
+    ("MissingBlocksError", "No servers holding blocks [3] are online.", petals.PetalsUnavailable, RuntimeError),
+    ("P2PDaemonError", "failed to connect to bootstrap peers", petals.PetalsUnreachable, ConnectionError),
+])
+def test_worker_errors_that_mean_the_swarm_is_gone_are_unavailable(kind, error, expected, also):
+    err = bare_client()._remote_error({"ok": False, "kind": kind, "error": error}, "run a forward")
+    assert type(err) is expected and isinstance(err, also) and petals.is_unavailable(err)
+
+
+@pytest.mark.parametrize("kind", ["ValueError", "AssertionError", "P2PHandlerError", "KeyError"])
+def test_other_worker_errors_are_not_unavailable(kind):
+    err = bare_client()._remote_error({"ok": False, "kind": kind, "error": "bad input"}, "run a forward")
+    assert type(err) is RuntimeError and f"{kind}: bad input" in str(err) and not petals.is_unavailable(err)
+
+
+def test_is_unavailable_finds_the_error_in_a_chain():
+    import pickle
+
+    def chained(original: BaseException, explicit: bool) -> BaseException:
+        try:
+            try:
+                raise original
+            except BaseException as err:
+                if explicit:
+                    raise ValueError("the unit failed") from err
+                raise KeyError("while handling it")  # noqa: B904 (an implicit __context__ on purpose)
+        except BaseException as outer:
+            return outer
+
+    timeout = petals.PetalsTimeout("The Petals swarm did not answer within 2 s")
+    assert petals.is_unavailable(timeout) and petals.is_unavailable(chained(timeout, explicit=True))
+    assert petals.is_unavailable(chained(chained(timeout, explicit=False), explicit=True))
+    assert not petals.is_unavailable(chained(TimeoutError("a plain timeout"), explicit=True))
+    assert not petals.is_unavailable(RuntimeError("Petals failed")) and not petals.is_unavailable(None)
+    cyclic = ValueError("a")
+    cyclic.__context__ = KeyError("b")
+    cyclic.__context__.__context__ = cyclic
+    assert not petals.is_unavailable(cyclic)
+    # Ray sends an actor's exception to the caller pickled, inside a RayTaskError that keeps it as `cause`
+    for err in (timeout, petals.PetalsUnreachable("no peers"), petals.PetalsUnavailable("exited")):
+        copy = pickle.loads(pickle.dumps(err))
+        assert type(copy) is type(err) and str(copy) == str(err) and petals.is_unavailable(copy)
+    from ray.exceptions import RayTaskError
+
+    wrapped = RayTaskError("attribute_unit", "Traceback ...", timeout)
+    assert petals.is_unavailable(wrapped) and petals.is_unavailable(wrapped.as_instanceof_cause())
+    assert not petals.is_unavailable(RayTaskError("attribute_unit", "Traceback ...", ValueError("bad row")))
 
 
 # ------------------------------------------------------------------------------------------------ real swarm
@@ -271,11 +356,12 @@ def test_swarm_refuses_internals(remote_smollm):
 def test_swarm_with_a_wrong_prefix_or_peer(swarm, petals_python):
     base = f"petals://smollm2-135m?netns={swarm['netns']}&python={petals_python}&timeout=30&max_retries=1"
     started = time.monotonic()
-    with pytest.raises(RuntimeError, match="lacks blocks"):
+    with pytest.raises(petals.PetalsUnavailable, match="lacks blocks"):
         distattr.load_model(f"{base}&initial_peers={swarm['initial_peers'][0]}&dht_prefix=nobody", "saliency")
     dead_peer = swarm["initial_peers"][0].replace("/tcp/31337/", "/tcp/31999/")
-    with pytest.raises(ConnectionError, match="Could not reach"):
+    with pytest.raises(petals.PetalsUnreachable, match="Could not reach") as error:
         distattr.load_model(f"{base}&initial_peers={dead_peer}&dht_prefix=smollm2-test", "saliency")
+    assert isinstance(error.value, ConnectionError) and petals.is_unavailable(error.value)
     assert time.monotonic() - started < 90
 
 
@@ -288,9 +374,10 @@ def test_swarm_server_that_hangs_times_out(swarm, petals_python):
     os.kill(hung, signal.SIGSTOP)
     try:
         started = time.monotonic()
-        with pytest.raises(TimeoutError, match="did not answer within 8 s"):
+        with pytest.raises(TimeoutError, match="did not answer within 8 s") as error:
             model.attribute(PROMPT, generated_texts=PROMPT + " Paris", show_progress=False)
         assert time.monotonic() - started < 30
+        assert isinstance(error.value, petals.PetalsTimeout)
     finally:
         os.kill(hung, signal.SIGCONT)
 

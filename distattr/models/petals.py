@@ -26,6 +26,13 @@ distattr's step backwards are batched with ``vmap`` (``is_grads_batched``); the 
 custom operator without a batching rule, so ``vmap`` loops over the batched step slots and sends one
 backward request per slot (the operator finds its client through ``_CLIENTS``, keyed by ``id``: one
 process-local table, so a ``petals://`` model loads in any process, e.g. each Ray actor, on its own).
+
+Errors a caller can recover from share one type, :class:`PetalsUnavailable` (a ``RuntimeError``): the worker
+timed out, exited or was stopped, the initial peers did not answer, or the swarm lacks blocks. The client that
+raised it is gone (or the swarm was not ready), so the remedy is a new client (``load_model`` again) after a
+pause; :func:`is_unavailable` also finds one wrapped in another exception. Its subclasses keep the built-in
+types callers already catch: :class:`PetalsTimeout` is a ``TimeoutError``, :class:`PetalsUnreachable` a
+``ConnectionError``. Anything else (bad input, a refused method, a missing Petals environment) is not one.
 """
 
 from __future__ import annotations
@@ -61,6 +68,57 @@ OFFLINE_ENV = {
 }
 STARTUP, STARTUP_TIMEOUT = "start up", 180.0  # seconds for the worker's imports (torch, hivemind, petals)
 _QUERY_KEYS = ("initial_peers", "dht_prefix", "netns", "timeout", "max_retries", "python")
+# Exceptions of the worker (its type names, as it reports them) after which the swarm, not the request, is at fault:
+# Petals re-raises the last failure once its retries (max_retries) are spent: a request that timed out (asyncio's
+# and the built-in TimeoutError share the name), a p2p daemon that failed (hivemind's P2PDaemonError), a lost
+# connection, or no server holding a block (MissingBlocksError, from routing).
+UNAVAILABLE_KINDS = frozenset({
+    "TimeoutError", "MissingBlocksError", "P2PDaemonError",
+    "ConnectionError", "ConnectionResetError", "ConnectionRefusedError", "ConnectionAbortedError",
+})
+
+
+class PetalsUnavailable(RuntimeError):
+    """The swarm or the Petals client process stopped answering; a new client may succeed.
+
+    Raised when a request timed out (:class:`PetalsTimeout`), the worker process exited (a broken pipe, end of
+    its output), the client was stopped earlier (by a timeout, an exit or ``close``), the initial peers could
+    not be reached (:class:`PetalsUnreachable`), or the swarm lacks blocks or failed after Petals' own retries
+    (a worker exception named in :data:`UNAVAILABLE_KINDS`; a retry later may find the servers). After a
+    timeout, an exit or a stop the client answers no further request; recover by loading the model again (a new
+    worker process), after a pause and a bounded number of times. :func:`is_unavailable` also recognises one
+    that arrives wrapped in another exception.
+    """
+
+
+class PetalsTimeout(PetalsUnavailable, TimeoutError):
+    """No answer in time: the worker did not reply within the request's deadline (``timeout=``; the worker was
+    then killed), or Petals' requests to the servers timed out after its retries (reported by the worker)."""
+
+
+class PetalsUnreachable(PetalsUnavailable, ConnectionError):
+    """The swarm's initial peers could not be reached."""
+
+
+def is_unavailable(err: BaseException | None) -> bool:
+    """Whether ``err`` is, or was caused by, a :class:`PetalsUnavailable`.
+
+    Follows the ``__cause__`` / ``__context__`` chain (``raise ... from err`` and exceptions raised while
+    handling one) and the ``cause`` attribute of wrappers that keep the original there, such as Ray's
+    ``RayTaskError``; each exception is visited once, so a cyclic chain ends.
+    """
+    seen: set[int] = set()
+    pending = [err]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        if isinstance(current, PetalsUnavailable):
+            return True
+        seen.add(id(current))
+        cause = getattr(current, "cause", None)
+        pending.extend(e for e in (current.__cause__, current.__context__, cause) if isinstance(e, BaseException))
+    return False
 
 
 @dataclass(frozen=True)
@@ -235,7 +293,7 @@ class PetalsClient:
     def _exchange(self, message: dict | None, what: str, timeout: float) -> dict:
         with self._lock:
             if self.closed_reason is not None:
-                raise RuntimeError(f"The Petals client was stopped earlier: {self.closed_reason}")
+                raise PetalsUnavailable(f"The Petals client was stopped earlier: {self.closed_reason}")
             try:
                 if message is not None:
                     released, self.released = self.released, []
@@ -247,7 +305,7 @@ class PetalsClient:
             if reply is None:
                 tail = self.log_tail()
                 self._stop(f"the worker exited while trying to {what}")
-                raise RuntimeError(f"The Petals worker exited while trying to {what} ({self._where()}).\n{tail}")
+                raise PetalsUnavailable(f"The Petals worker exited while trying to {what} ({self._where()}).\n{tail}")
         if not reply["ok"]:
             raise self._remote_error(reply, what)
         return reply
@@ -256,15 +314,17 @@ class PetalsClient:
         kind, error = reply["kind"], reply["error"]
         if kind == "MissingBlocksError":
             blocks = re.search(r"blocks (.*?) are online", error)
-            return RuntimeError(
+            return PetalsUnavailable(
                 f"The Petals swarm lacks blocks: no server announces block(s) {blocks[1] if blocks else '?'} under "
                 f"dht_prefix={self.spec.dht_prefix!r} (initial_peers={','.join(self.spec.initial_peers)}). Check the "
                 "prefix and that the servers cover every block (python cluster/petals/swarm.py status --dir ...)")
         if "failed to connect to bootstrap peers" in error:
-            return ConnectionError(f"Could not reach the Petals swarm's initial peers "
-                                   f"{', '.join(self.spec.initial_peers)}: {error.strip()}")
-        return RuntimeError(f"Petals failed to {what} ({self._where()}): {kind}: {error}\n"
-                            f"{reply.get('traceback', '')}")
+            return PetalsUnreachable(f"Could not reach the Petals swarm's initial peers "
+                                     f"{', '.join(self.spec.initial_peers)}: {error.strip()}")
+        message = f"Petals failed to {what} ({self._where()}): {kind}: {error}\n{reply.get('traceback', '')}"
+        if kind == "TimeoutError":
+            return PetalsTimeout(message)
+        return PetalsUnavailable(message) if kind in UNAVAILABLE_KINDS else RuntimeError(message)
 
     def forward(self, hidden: torch.Tensor, grad: bool) -> tuple[torch.Tensor, int | None]:
         reply = self.request({"op": "forward", "hidden": hidden.detach().cpu().contiguous(), "grad": grad},
@@ -325,7 +385,7 @@ class PetalsClient:
                 tail = self.log_tail()
                 self._stop(f"timed out trying to {what}", hung=True)
                 who = "worker" if what == STARTUP else "swarm"
-                raise TimeoutError(
+                raise PetalsTimeout(
                     f"The Petals {who} did not answer within {timeout:g} s while trying to {what} "
                     f"({self._where()}); the client was stopped. Check that the swarm is up and serves every block "
                     f"(cluster/petals/swarm.py status), or raise timeout= in the petals:// spec.\n{tail}")
