@@ -6,9 +6,10 @@ from collections.abc import Sequence
 
 from .. import methods
 from .actor import JobSpec
-from .data import DataError, Fields
+from .data import DataError, Fields, Rows
 from .plan import PlanConfig
-from .runner import Resources, Summary, run_job
+from .pool import JobStalled, JobStopped, Resources
+from .runner import Summary, run_job
 
 # AttributionModel.attribute keywords that a dataset job passes on to every unit
 ATTRIBUTE_ARGS = (
@@ -31,6 +32,8 @@ def attribute_dataset(
     contrast_field: str | None = None,
     id_field: str | None = None,
     keep_fields: Sequence[str] = (),
+    split: str | None = None,
+    data_options: dict | None = None,
     actors: int = 1,
     num_cpus: float = 1.0,
     num_gpus: float | None = None,
@@ -42,6 +45,7 @@ def attribute_dataset(
     load_args: dict | None = None,
     method_args: dict | None = None,
     max_retries: int = 3,
+    stall_timeout: float = 600.0,
     log_dir: str | None = None,
     show_progress: bool = True,
     **attribute_args,
@@ -60,6 +64,7 @@ def attribute_dataset(
         text_field / target_field / contrast_field / id_field: the row fields holding the input text, the
             target to attribute instead of generating, the contrastive target, and a unique example id
             (default: the row position). ``keep_fields`` are copied into each example's metadata.
+        split: the split of a saved ``DatasetDict``; data_options: fsspec options for a ``data`` URL.
         actors / num_cpus / num_gpus: model replicas and the Ray resources of each (``num_gpus=None``: one GPU
             per actor when the cluster has GPUs, else the CPU).
         address: a Ray cluster ("auto", "host:port", "ray://..."); None: the ``ray job submit`` cluster, else a
@@ -67,19 +72,22 @@ def attribute_dataset(
         unit_size: examples per work unit (and per chunk of the store); split_steps: examples with more
             attributed steps are split into parts of this many steps that run on different actors (None: never).
         load_args: ``load_model`` keywords (``dtype``, ``revision``, ``quantization``...).
-        max_retries: resubmissions of a unit whose actor died.
+        max_retries: resubmissions of a unit whose actor was lost (or whose task failed).
+        stall_timeout: seconds without any live actor (none placeable, every node lost) after which the job
+            stops with :class:`JobStalled`; the store stays resumable.
         log_dir: also write each actor's log to ``log_dir/actor-<rank>.log``.
         **attribute_args: :meth:`AttributionModel.attribute` keywords (``step_scores``, ``attributed_fn``,
             ``generation_args``...).
     Returns:
         a :class:`Summary`; read the results with :func:`distattr.open_store`.
+    Raises:
+        JobStopped: the job cannot go on (no actor placeable for ``stall_timeout`` seconds, a store that refuses
+            writes); everything written so far stays, and the same call resumes.
     """
     unknown = sorted(set(attribute_args) - set(ATTRIBUTE_ARGS))
     if unknown:
         raise ValueError(f"unknown attribute argument(s) {unknown}; valid: {', '.join(ATTRIBUTE_ARGS)}")
     methods.build_args(method, dict(method_args or {}))
-    if actors < 1:
-        raise ValueError("actors must be at least 1")
     generation = dict(attribute_args.pop("generation_args", None) or {})
     if max_new_tokens is not None:
         if max_new_tokens < 1:
@@ -93,8 +101,11 @@ def attribute_dataset(
                   plan=PlanConfig(unit_size=unit_size, split_steps=split_steps), log_dir=log_dir)
     fields = Fields(text=text_field, target=target_field, contrast=contrast_field, id=id_field,
                     keep=tuple(keep_fields))
-    resources = Resources(actors=actors, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)
-    return run_job(job, data, fields, resources, address=address, new_store=new_store, progress=show_progress)
+    resources = Resources(actors=actors, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries,
+                          stall_timeout=stall_timeout)
+    rows = Rows(data, storage_options=data_options, split=split)
+    return run_job(job, rows, fields, resources, address=address, new_store=new_store, progress=show_progress)
 
 
-__all__ = ["DataError", "Fields", "PlanConfig", "Resources", "Summary", "attribute_dataset"]
+__all__ = ["DataError", "Fields", "JobStalled", "JobStopped", "PlanConfig", "Resources", "Summary",
+           "attribute_dataset"]

@@ -25,8 +25,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, metavar="PATH",
-                   help="JSONL, JSON, CSV or Parquet file, or a folder saved by datasets.save_to_disk")
+    p.add_argument("--data", required=True, metavar="PATH|URL",
+                   help="JSONL, JSON, CSV or Parquet file (a local path or an fsspec URL such as s3://bucket/d.jsonl, "
+                        "streamed), or a folder saved by datasets.save_to_disk")
+    p.add_argument("--split", metavar="NAME", help="the split of a saved DatasetDict (train, test, ...)")
+    p.add_argument("--data-option", action="append", metavar="KEY=VALUE",
+                   help="fsspec option for reading a --data URL, repeatable (e.g. anon=true)")
     p.add_argument("--text-field", default="prompt", metavar="NAME", help="field of the input text (default: prompt)")
     p.add_argument("--target-field", metavar="NAME", help="field of a target to attribute instead of generating")
     p.add_argument("--contrast-field", metavar="NAME", help="field of the contrastive target (contrast_* functions)")
@@ -50,31 +54,41 @@ def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
                    help="split examples with more attributed steps into parts of N steps run by different actors "
                         "(0: never; default: 64)")
     p.add_argument("--max-retries", type=int, default=3, metavar="N",
-                   help="resubmissions of a unit whose actor died (default: 3)")
+                   help="resubmissions of a unit whose actor was lost or whose task failed (default: 3)")
+    p.add_argument("--stall-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="stop with an error when no actor has been alive for this long (no node can host one, "
+                        "every node lost); the store stays resumable (default: 600)")
     p.add_argument("--log-dir", metavar="DIR", help="also write each actor's log to DIR/actor-<rank>.log")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress and no summary")
 
 
 def cmd_attribute_dataset(args) -> int:
     from ..cli import UsageError, attribution_options, model_options, parse_pairs
-    from . import attribute_dataset
+    from . import JobStopped, attribute_dataset
 
     options = attribution_options(args)
     method_args = options.pop("method_args")
     if args.actors < 1 or args.unit_size < 1 or args.split_steps < 0 or args.max_retries < 0:
         raise UsageError("--actors and --unit-size must be at least 1; --split-steps and --max-retries at least 0")
+    if args.stall_timeout <= 0:
+        raise UsageError("--stall-timeout must be positive (seconds)")
     if not options["generation_args"].get("max_new_tokens") and not args.target_field:
         raise UsageError("give --max-new-tokens (the store is sized from it) or --target-field")
     load_args = {k: v for k, v in model_options(args).items() if v is not None}
-    summary = attribute_dataset(
-        args.model, args.data, args.store, args.method, text_field=args.text_field, target_field=args.target_field,
-        contrast_field=args.contrast_field, id_field=args.id_field, keep_fields=args.keep_field,
-        actors=args.actors, num_cpus=args.num_cpus, num_gpus=args.num_gpus, address=args.address,
-        new_store=args.new_store, unit_size=args.unit_size, split_steps=args.split_steps or None,
-        storage_options=parse_pairs(args.storage_option, "--storage-option") or None, load_args=load_args,
-        method_args=method_args, max_retries=args.max_retries, log_dir=args.log_dir, show_progress=not args.quiet,
-        **options,
-    )
+    try:
+        summary = attribute_dataset(
+            args.model, args.data, args.store, args.method, text_field=args.text_field,
+            target_field=args.target_field, contrast_field=args.contrast_field, id_field=args.id_field,
+            keep_fields=args.keep_field, split=args.split,
+            data_options=parse_pairs(args.data_option, "--data-option") or None, actors=args.actors,
+            num_cpus=args.num_cpus, num_gpus=args.num_gpus, address=args.address, new_store=args.new_store,
+            unit_size=args.unit_size, split_steps=args.split_steps or None,
+            storage_options=parse_pairs(args.storage_option, "--storage-option") or None, load_args=load_args,
+            method_args=method_args, max_retries=args.max_retries, stall_timeout=args.stall_timeout,
+            log_dir=args.log_dir, show_progress=not args.quiet, **options)
+    except JobStopped as err:  # the job cannot go on; what it wrote stays and a rerun resumes
+        print(f"distattr: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
     if not args.quiet:
         print("\n".join(summary.lines()), file=sys.stderr)
     return 0 if summary.complete else 1
