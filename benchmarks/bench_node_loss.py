@@ -25,7 +25,6 @@ import datetime as dt
 import json
 import os
 import platform
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -41,25 +40,17 @@ def done_times(store: str) -> dict[tuple[int, int], float]:
     return {(int(p.parent.name), int(p.name)): p.stat().st_mtime for p in folder.glob("*/*")}
 
 
-def started_units(logs: Path) -> dict[tuple[int, int], int]:
-    counts: dict[tuple[int, int], int] = {}
-    for log in logs.glob("actor-*.log"):
-        for unit, part in re.findall(r"start unit (\d+) part (\d+)/", log.read_text()):
-            counts[(int(unit), int(part))] = counts.get((int(unit), int(part)), 0) + 1
-    return counts
-
-
 def one_run(work: Path, name: str, examples: int, new_tokens: int, lose_after: int | None) -> dict:
     from bench_dataset import write_prompts
-    from multinode import run
+    from multinode import run, started_units
 
     data, store, logs = work / "prompts.jsonl", str(work / f"{name}.zarr"), work / f"logs-{name}"
     write_prompts(data, examples)
     command = ["--model", "smollm2-135m", "--method", "saliency", "--data", str(data), "--id-field", "id",
                "--max-new-tokens", str(new_tokens), "--store", store, "--unit-size", "2", "--actors", "2",
                "--log-dir", str(logs), "--stall-timeout", "300"]
-    events = [{"after_done": lose_after, "remove": [1]}] if lose_after else []
-    result = run({"nodes": [1, 1], "command": command, "store": store, "events": events})
+    events = [{"after_done": lose_after, "after_working": 2, "remove": [1]}] if lose_after else []
+    result = run({"nodes": [1, 1], "command": command, "store": store, "logs": str(logs), "events": events})
     (driver,) = result["runs"]
     if driver["returncode"] != 0:
         raise SystemExit(f"{name}: the job failed:\n{driver['stderr'][-3000:]}")

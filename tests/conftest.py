@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -112,3 +113,23 @@ def s3_server(tmp_path):
     finally:
         server.kill()
         server.wait()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``small_disk(size)`` -> a folder on a fresh tmpfs of ``size`` (``"1m"``, ``"4m"``) that fills up for real;
+    unmounted afterwards. Skips where mounting is not allowed (needs root)."""
+    mounted: list[Path] = []
+
+    def make(size: str) -> Path:
+        disk = tmp_path / f"disk-{len(mounted)}"
+        disk.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(disk)
+        return disk
+
+    yield make
+    for disk in mounted:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

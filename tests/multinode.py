@@ -8,8 +8,9 @@ only ``lo`` (the tests' conftest makes one; the benchmark makes its own), where 
 A scenario is a JSON object: ``nodes`` (CPUs of each worker node at the start; the head has none, so actors run on
 workers only), ``command`` (the ``distattr attribute-dataset`` arguments, without ``--address``), ``store`` (the
 store path, watched for done markers) and ``events``: a list of ``{"after_done": N, "remove": [i...]}`` or
-``{"after_done": N, "add": CPUS}`` applied once N parts are marked done (``"after_exit": true`` instead: after the
-driver has ended, then the command runs again). Prints one JSON line: per run the exit code, stderr and wall time,
+``{"after_done": N, "add": CPUS}`` applied once N parts are marked done and, with ``"after_working": K``, K actors
+have started a unit (read from ``logs``, the job's ``--log-dir``); ``"after_exit": true`` instead: after the driver
+has ended, then the command runs again. Prints one JSON line: per run the exit code, stderr and wall time,
 and the times of the events (seconds after ``started_at``, a Unix time).
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -28,6 +30,20 @@ HEALTH = {"health_check_period_ms": 500, "health_check_failure_threshold": 3, "h
 def done_count(store: str) -> int:
     folder = Path(store) / "done" / "c"
     return sum(len(files) for _, _, files in os.walk(folder)) if folder.is_dir() else 0
+
+
+def started_units(logs: Path) -> dict[tuple[int, int], int]:
+    """How many times each (unit, part) was started, over every actor's log (``--log-dir``)."""
+    counts: dict[tuple[int, int], int] = {}
+    for log in logs.glob("actor-*.log"):
+        for unit, part in re.findall(r"start unit (\d+) part (\d+)/", log.read_text()):
+            counts[(int(unit), int(part))] = counts.get((int(unit), int(part)), 0) + 1
+    return counts
+
+
+def working_actors(logs: Path) -> int:
+    """How many actors have started a unit (their logs in ``--log-dir``)."""
+    return sum(1 for log in logs.glob("actor-*.log") if "start unit" in log.read_text())
 
 
 def run(scenario: dict) -> dict:
@@ -51,7 +67,9 @@ def run(scenario: dict) -> dict:
             driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             while driver.poll() is None:
                 done = done_count(scenario["store"])
-                due = [e for e in events if not e.get("after_exit") and done >= e["after_done"]]
+                working = working_actors(Path(scenario["logs"])) if "logs" in scenario else 0
+                due = [e for e in events if not e.get("after_exit") and done >= e["after_done"]
+                       and working >= e.get("after_working", 0)]
                 for event in due:
                     events.remove(event)
                     apply(cluster, workers, event)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import NETWORK_ISOLATED
+from multinode import started_units
 from raycluster import ray_env
 from test_dist import assert_same, prompts, reference, slots_used, write_jsonl
 
@@ -47,26 +48,18 @@ def job(gpt2: str, data: Path, store: str, logs: Path, *extra: str, n_steps: int
             "--log-dir", str(logs), *extra]
 
 
-def started_units(logs: Path) -> dict[tuple[int, int], int]:
-    """How many times each (unit, part) was started, over every actor's log."""
-    counts: dict[tuple[int, int], int] = {}
-    for log in logs.glob("actor-*.log"):
-        for unit, part in re.findall(r"start unit (\d+) part (\d+)/", log.read_text()):
-            counts[(int(unit), int(part))] = counts.get((int(unit), int(part)), 0) + 1
-    return counts
-
-
 def test_a_job_survives_a_lost_node_with_every_example_once(gpt2, tmp_path):
     rows = prompts(16)
     data, store, logs = write_jsonl(tmp_path / "d.jsonl", rows), str(tmp_path / "lost.zarr"), tmp_path / "logs"
-    result = scenario(tmp_path, nodes=[1, 1], store=store, events=[{"after_done": 1, "remove": [1]}],
-                      command=job(gpt2, data, store, logs, "--actors", "2", "--stall-timeout", "120"))
+    result = scenario(tmp_path, nodes=[1, 1], store=store, logs=str(logs),
+                      events=[{"after_done": 1, "after_working": 2, "remove": [1]}],  # both actors busy
+                      command=job(gpt2, data, store, logs, "--actors", "2", "--stall-timeout", "120", n_steps=300))
     (run,) = result["runs"]
     assert run["returncode"] == 0, run["stderr"][-3000:]
     assert re.search(r"actor \d .*was lost", run["stderr"]), run["stderr"][-3000:]
     assert "(complete)" in run["stderr"]
     assert slots_used(store).tolist() == list(range(16))  # every example once
-    ref = reference(gpt2, rows, "integrated_gradients", generation_args={"max_new_tokens": 6}, n_steps=100)
+    ref = reference(gpt2, rows, "integrated_gradients", generation_args={"max_new_tokens": 6}, n_steps=300)
     assert_same(open_store(store), rows, ref, atol=1e-4)
     started = started_units(logs)
     assert set(started) == {(u, 0) for u in range(8)}

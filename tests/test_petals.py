@@ -332,9 +332,11 @@ def remote_smollm(swarm, petals_python):
 
 @pytest.mark.slow
 def test_swarm_attribution_equals_local(remote_smollm, swarm):
-    """Saliency and integrated gradients through two servers equal local attribution bit for bit. The servers
-    run transformers 4.34's eager attention, so the local model runs eager attention too (with SDPA the two
-    differ by ~1e-6 relative)."""
+    """Saliency and integrated gradients through two servers equal local attribution. The servers run
+    transformers 4.34's eager attention on the Petals environment's torch, so the local model runs eager
+    attention too. Whether the two torch builds agree to the last bit depends on the CPU's kernels: bit for bit
+    on an AMD EPYC, 8.3e-7 of the largest value apart on an Intel Xeon (with SDPA locally: ~1e-6 on both);
+    the bound is 1e-5."""
     assert [tuple(s[:2]) for s in remote_smollm.loaded.source["spans"]] == [(0, 15), (15, 30)]
     local = distattr.load_model("smollm2-135m", "saliency", model_kwargs={"attn_implementation": "eager"})
     kwargs = {"generation_args": {"max_new_tokens": 3}, "step_scores": ["probability"], "show_progress": False,
@@ -343,7 +345,7 @@ def test_swarm_attribution_equals_local(remote_smollm, swarm):
         expected = local.attribute(PROMPT, method=method, **kwargs, **args)
         got = remote_smollm.attribute(PROMPT, method=method, **kwargs, **args)
         assert got[0].target_tokens[-3:] == ("ĠParis", ",", "ĠFrance")
-        assert_same_results(expected, got, exact=True)
+        assert_same_results(expected, got, exact=False, tol=1e-5)
 
 
 @pytest.mark.slow
@@ -399,3 +401,47 @@ def test_ray_actors_shard_a_dataset_over_petals_clients(swarm, petals_python, ra
         # actors run one torch thread, this process two (and here the blocks run locally): float32 rounding differs
         # (measured 1.2e-6 of the largest value); test_swarm_attribution_equals_local checks exact equality
         assert_same_results(expected, store[i], exact=False, tol=1e-5)
+
+
+def test_a_dataset_actor_rebuilds_a_petals_client_that_dies(swarm, petals_python, ray_head, tmp_path):
+    """The Petals client process of the job's only actor is killed after its first unit: the actor starts a new
+    client and the job completes with every example (no unit is lost or handed to an actor that cannot serve it)."""
+    import threading
+
+    from raycluster import actor_pids
+
+    prompts = ["The Eiffel Tower is located in the city of", "The capital of Italy is", "Paris is the capital of",
+               "The Colosseum is in"]
+    rows = [{"prompt": p, "uid": f"q{i}"} for i, p in enumerate(prompts)]
+    spec = f"{swarm['spec']}&timeout=120&python={petals_python}"
+    url, logs = str(tmp_path / "rebuilt.zarr"), tmp_path / "logs"
+    result = {}
+
+    def run():
+        result["summary"] = distattr.attribute_dataset(spec, rows, url, "saliency", max_new_tokens=2, actors=1,
+                                                       unit_size=1, id_field="uid", show_progress=False,
+                                                       token_budget=64, log_dir=str(logs))
+
+    job = threading.Thread(target=run)
+    job.start()
+    killed = []
+    deadline = time.time() + 600
+    while time.time() < deadline and job.is_alive() and not killed:
+        if (Path(url) / "done" / "c").is_dir():
+            actors = set(actor_pids())
+            for entry in Path("/proc").iterdir():  # the actor's client: a petals_worker.py child of the actor
+                try:
+                    parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                    if parent in actors and b"petals_worker.py" in (entry / "cmdline").read_bytes():
+                        os.kill(int(entry.name), signal.SIGKILL)
+                        killed.append(int(entry.name))
+                except (OSError, ValueError, IndexError):
+                    continue
+        time.sleep(0.05)
+    job.join(timeout=600)
+    assert killed, "the job ended before its Petals client could be killed"
+    summary = result["summary"]
+    assert summary.complete and not summary.failures and not summary.failed_examples
+    assert "rebuilding it (1 of 2)" in (logs / "actor-0.log").read_text()
+    store = distattr.open_store(url)
+    assert [store[i].info["example_id"] for i in range(4)] == ["q0", "q1", "q2", "q3"]

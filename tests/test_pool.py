@@ -19,7 +19,8 @@ JOB = JobSpec(model="stand-in", method="saliency", store="unused")
 
 def replica_class(record_dir: str, behaviour: dict[int, str]):
     """A stand-in replica: ``behaviour[rank]`` is "fail" (raise at once), "replica" (raise ReplicaError) or "full"
-    (raise StorageFatal); ``behaviour["any"] == "die3"``: the first replica to run unit 3 exits its process. Others
+    (raise StorageFatal); ``behaviour["any"]``: "die3" (the first replica to run unit 3 exits its process),
+    "noload" (loading the model fails), "slowload" (loading takes 5 s). Others
     work for 0.1 s a task. Every task leaves a file ``<rank>-<unit>-<n>`` in ``record_dir``. Built in a function
     so that Ray ships it by value."""
 
@@ -27,7 +28,14 @@ def replica_class(record_dir: str, behaviour: dict[int, str]):
         def __init__(self, job, rank, num_cpus=1.0):
             self.rank, self.n = rank, 0
 
+        def ping(self):
+            return os.getpid()
+
         def ready(self):
+            if behaviour.get("any") == "noload":
+                raise OSError("model folder not found: /nowhere")
+            if behaviour.get("any") == "slowload":
+                time.sleep(5)
             return {"host": "here", "pid": os.getpid(), "rank": self.rank}
 
         def run(self, task):
@@ -136,9 +144,12 @@ def test_an_unreachable_actor_is_killed_and_confirmed_dead(ray_head, tmp_path):
 
 
 def test_a_model_client_that_stops_answering_is_rebuilt_then_given_up(tiny_dir, tmp_path, monkeypatch):
+    import torch
+
     from distattr.dist import actor as actor_module
     from distattr.models.petals import PetalsUnavailable
 
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # an actor sets its process's threads: not ours
     replica = actor_module.Attributor(JobSpec(model=tiny_dir("gpt2"), method="saliency", store="unused"), rank=0)
     loads = []
     monkeypatch.setattr(replica, "_load", lambda: loads.append(1))
@@ -170,3 +181,15 @@ def test_a_model_client_that_stops_answering_is_rebuilt_then_given_up(tiny_dir, 
     with pytest.raises(ValueError):  # not the client's fault: no rebuild
         replica.run(None)
     assert not loads
+
+
+def test_actors_that_cannot_load_the_model_stop_the_job_with_its_error(ray_head, tmp_path):
+    with pytest.raises(JobStopped, match=r"actors could not load the model \(4 tries\): OSError: model folder not "
+                                         "found: /nowhere"):
+        drain(tmp_path, {"any": "noload"}, max_retries=3)
+
+
+def test_a_slow_model_load_is_not_a_stall(ray_head, tmp_path):
+    # placed actors that are still loading (5 s here, 15 min for a 70B model) keep the stall clock stopped
+    counts, reports, _ = drain(tmp_path, {"any": "slowload"}, n_units=4, stall_timeout=2)
+    assert sorted(r.unit for r in reports) == [0, 1, 2, 3]

@@ -513,30 +513,23 @@ def test_access_denied_is_fatal_at_once(proxied):
     assert counter.retries == 0 and proxy.injected <= 2 and time.monotonic() - start < 10
 
 
-def test_full_disk_is_fatal_with_one_clear_line(tmp_path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        schema = make_schema(n_units=64, unit_size=1, max_steps=128, steps_chunk=128, max_source=4, max_target=132)
-        url = str(disk / "full.zarr")
-        group = new_store(url, schema, 64, [1] * 64)
-        rng = np.random.default_rng(0)
-        with pytest.raises(StorageFatal) as fatal:
-            for unit in range(64):  # 64 KiB of incompressible values per unit: the disk fills after ~15
-                seq = SequenceAttribution(
-                    source_tokens=("a",) * 4, target_tokens=("a",) * 132, source_ids=(1,) * 4, target_ids=(1,) * 132,
-                    source_attributions=None, target_attributions=rng.normal(size=(132, 128)).astype(np.float32),
-                    step_scores={"probability": rng.uniform(size=128).astype(np.float32)}, attr_pos_start=4,
-                    attr_pos_end=132)
-                result = SlotResult(slot=0, index=unit, example_id=str(unit), meta={}, seq=seq, attr_pos=(4, 132),
-                                    column=0)
-                store_io.write_part(group, schema, unit, 0, 1, [result])
-        message = str(fatal.value)
-        assert "\n" not in message and message.startswith("the store's disk is full (No space left on device) at ")
-        assert url in message and message.endswith("free space, then rerun the same command to resume")
-        assert 0 < unit < 63
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
+def test_full_disk_is_fatal_with_one_clear_line(small_disk):
+    disk = small_disk("1m")
+    schema = make_schema(n_units=64, unit_size=1, max_steps=128, steps_chunk=128, max_source=4, max_target=132)
+    url = str(disk / "full.zarr")
+    group = new_store(url, schema, 64, [1] * 64)
+    rng = np.random.default_rng(0)
+    with pytest.raises(StorageFatal) as fatal:
+        for unit in range(64):  # 64 KiB of incompressible values per unit: the disk fills after ~15
+            seq = SequenceAttribution(
+                source_tokens=("a",) * 4, target_tokens=("a",) * 132, source_ids=(1,) * 4, target_ids=(1,) * 132,
+                source_attributions=None, target_attributions=rng.normal(size=(132, 128)).astype(np.float32),
+                step_scores={"probability": rng.uniform(size=128).astype(np.float32)}, attr_pos_start=4,
+                attr_pos_end=132)
+            result = SlotResult(slot=0, index=unit, example_id=str(unit), meta={}, seq=seq, attr_pos=(4, 132),
+                                column=0)
+            store_io.write_part(group, schema, unit, 0, 1, [result])
+    message = str(fatal.value)
+    assert "\n" not in message and message.startswith("the store's disk is full (No space left on device) at ")
+    assert url in message and message.endswith("free space, then rerun the same command to resume")
+    assert 0 < unit < 63

@@ -316,7 +316,9 @@ def test_smollm2_matches_inseq_up_to_its_float32_cosine(fixed_inseq, monkeypatch
     ~1e-5) that loses up to 3e-3 of a normalised score and flips values across the 1e-5 threshold. distattr
     computes the distance in float64 (from the same float32 states): against the whole computation in float64
     it is within 1e-5, where Inseq is off by more than 1e-3. With Inseq's float32 cosine substituted, distattr
-    matches Inseq (2e-4: the float32 cosine still amplifies the last-bit differences of the states)."""
+    matches Inseq up to what the float32 cosine makes of the last-bit differences of the states, which depend on
+    the CPU's kernels: measured within 2e-4 of each column's L1 on an AMD EPYC, and on an Intel Xeon 3 of 1,500
+    values at 1.9e-3 (the rest within 2e-4), hence 2e-3."""
     import distattr.methods.value_zeroing as vz
 
     dm = distattr.load_model("smollm2-135m", "value_zeroing", model_kwargs={"attn_implementation": "eager"})
@@ -332,7 +334,7 @@ def test_smollm2_matches_inseq_up_to_its_float32_cosine(fixed_inseq, monkeypatch
         m.setattr(vz, "_distance", lambda clean, corrupted, metric: (1 - torch.nn.functional.cosine_similarity(
             clean.float(), corrupted.float(), dim=-1)).double())
         as_inseq = dm.attribute(prompt, generated, show_progress=False)
-    compare(as_inseq, theirs, "smollm2 with Inseq's float32 cosine", rel=2e-4)
+    compare(as_inseq, theirs, "smollm2 with Inseq's float32 cosine", rel=2e-3)
 
     dm.model.double()
     exact = dm.attribute(prompt, generated, show_progress=False, strategy="rerun")[0].target_attributions

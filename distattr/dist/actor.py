@@ -96,7 +96,7 @@ class Attributor:
         self.job, self.rank = job, rank
         torch.set_num_threads(job.threads or max(1, int(num_cpus)))
         self.log = _logger(rank, job.log_dir)
-        self._load()
+        self.model = None  # loaded by ready(): a placed actor answers ping() at once, however long loading takes
         self._group = None
         self._schema: Schema | None = None
 
@@ -123,12 +123,15 @@ class Attributor:
         self.log.info("actor %d (pid %d) loaded %s in %.1f s; %d tokens per batch", self.rank, os.getpid(),
                       self.job.model, time.perf_counter() - started, self.token_budget)
 
-    def ready(self) -> dict:
-        """Answers once the model is loaded: where this replica runs."""
-        return {"host": socket.gethostname(), "pid": os.getpid(), "rank": self.rank}
-
-    def pid(self) -> int:
+    def ping(self) -> int:
+        """Answers as soon as Ray has placed this actor (before its model is loaded): its pid."""
         return os.getpid()
+
+    def ready(self) -> dict:
+        """Load the model (the first time) and say where this replica runs."""
+        if self.model is None:
+            self._load()
+        return {"host": socket.gethostname(), "pid": os.getpid(), "rank": self.rank}
 
     def probe(self, record: Record) -> dict:
         """Attribute a short piece of one example to learn the store's shape: extra dims, source matrices,

@@ -9,8 +9,9 @@ model is still loading) or *live* (its ``ready()`` call answered). Only live rep
   live replica takes them. Tasks whose ``done`` marker is already in the store are not redone;
 * a replacement is requested at once and stays pending until some node can host it; the job never waits on it.
   Replicas that become placeable later (a node joins, an autoscaler adds one) join the job, up to the target;
-* every wait has a deadline (:data:`TICK` seconds); when no replica has been live for ``stall_timeout`` seconds
-  the job stops with :class:`JobStalled`, one line saying what could not be placed and why;
+* every wait has a deadline (:data:`TICK` seconds); when no replica has been live or placed (a placed one answers
+  ``ping()`` while it loads its model, however long that takes) for ``stall_timeout`` seconds, the job stops
+  with :class:`JobStalled`, one line saying what could not be placed and why;
 * a replica whose tasks keep failing (three in a row), or whose model client broke for good
   (:class:`~distattr.dist.actor.ReplicaError`), is retired: killed, replaced, its tasks requeued. A storage
   error that retrying cannot fix (:class:`~distattr.store.faults.StorageFatal`) stops the job at once.
@@ -82,9 +83,11 @@ class Replica:
 
     rank: int
     handle: object
-    ready: object  # ObjectRef of handle.ready(): resolves once the model is loaded
+    placed: object  # ObjectRef of handle.ping(): resolves once Ray has placed the actor on a node
+    ready: object  # ObjectRef of handle.ready(), submitted after ping: resolves once the model is loaded
     requested: float
     live: bool = False
+    is_placed: bool = False  # ping answered: on a node, loading its model
     where: str = ""  # "host pid" once live
     tasks: dict = field(default_factory=dict)  # ObjectRef -> Item
     failures_in_a_row: int = 0
@@ -121,7 +124,7 @@ class Pool:
         self.replicas: list[Replica] = []
         self.next_rank = self.start_failures = 0
         self.counts = Counts()
-        self.no_live_since: float | None = time.monotonic()
+        self.no_live_since: float | None = time.monotonic()  # since when no replica is live or placed
         self.last_refusal = ""
         self._top_up()
 
@@ -136,38 +139,43 @@ class Pool:
         return [r for r in self.replicas if not r.live]
 
     def state(self) -> str:
-        return f"actors: {len(self.live)} live, {len(self.pending)} pending, {self.counts.lost} lost"
+        loading = sum(r.is_placed for r in self.pending)
+        return (f"actors: {len(self.live)} live, {loading} loading, {len(self.pending) - loading} pending, "
+                f"{self.counts.lost} lost")
 
     def _top_up(self) -> None:
         """Request replicas until live + pending reaches the target."""
         while len(self.replicas) < self.resources.actors:
             handle = self.remote.options(**self.options).remote(self.job, self.next_rank, self.resources.num_cpus)
-            self.replicas.append(Replica(rank=self.next_rank, handle=handle, ready=handle.ready.remote(),
+            placed = handle.ping.remote()  # an actor runs its calls in order: ping answers first, then ready
+            self.replicas.append(Replica(rank=self.next_rank, handle=handle, placed=placed, ready=handle.ready.remote(),
                                          requested=time.monotonic()))
             self.next_rank += 1
 
     def _on_ready(self, replica: Replica) -> None:
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError, RayTaskError
 
         try:
             info = ray.get(replica.ready, timeout=TICK * 30)
-        except RayActorError as err:
+        except RayActorError:
             self.replicas.remove(replica)
-            if getattr(err, "actor_init_failed", False):  # its __init__ raised: loading the model failed
-                self.start_failures += 1
-                message = _first_error_line(err)
-                self.last_refusal = message
-                if self.start_failures > self.resources.max_retries:
-                    raise JobStopped(f"actors could not start ({self.start_failures} tries): {message}") from None
-                self.say(f"actor {replica.rank} could not start ({message}); trying another")
-            else:
-                self.counts.lost += 1
-                self.say(f"actor {replica.rank} was lost before it started; requesting another")
+            self.counts.lost += 1
+            self.say(f"actor {replica.rank} was lost before it was ready; requesting another")
+            self._top_up()
+            return
+        except RayTaskError as err:  # loading the model failed: every replica may fail the same way
+            with contextlib.suppress(Exception):
+                ray.kill(replica.handle, no_restart=True)
+            self.replicas.remove(replica)
+            self.start_failures += 1
+            message = self.last_refusal = _first_error_line(err)
+            if self.start_failures > self.resources.max_retries:
+                raise JobStopped(f"actors could not load the model ({self.start_failures} tries): {message}") from None
+            self.say(f"actor {replica.rank} could not load the model ({message}); trying another")
             self._top_up()
             return
         replica.live, replica.where = True, f"{info['host']} pid {info['pid']}"
-        self.no_live_since = None
         self.say(f"actor {replica.rank} ready on {replica.where} ({self.state()})")
 
     def _retire(self, replica: Replica, reason: str, unreachable: bool = False) -> list[Item]:
@@ -181,8 +189,6 @@ class Pool:
             _confirm_dead(replica.handle)
         self.replicas.remove(replica)
         self.counts.lost += 1
-        if not self.live:
-            self.no_live_since = time.monotonic()
         held = list(replica.tasks.values())
         replica.tasks.clear()
         self.say(f"actor {replica.rank} ({replica.where or 'not started'}) {reason}; {len(held)} task(s) go back to "
@@ -224,7 +230,7 @@ class Pool:
                     break
 
     def _check_pending(self) -> None:
-        """Pick up replicas that became ready, without blocking."""
+        """Pick up replicas that were placed or became ready, without blocking."""
         import ray
 
         pending = [r.ready for r in self.pending]
@@ -232,6 +238,11 @@ class Pool:
             ready, _ = ray.wait(pending, num_returns=len(pending), timeout=0)
             for replica in [r for r in self.pending if r.ready in ready]:
                 self._on_ready(replica)
+        unplaced = [r.placed for r in self.pending if not r.is_placed]
+        if unplaced:
+            placed, _ = ray.wait(unplaced, num_returns=len(unplaced), timeout=0)
+            for replica in self.pending:
+                replica.is_placed = replica.is_placed or replica.placed in placed
         self._check_stall()
 
     def _wait_for_events(self) -> None:
@@ -247,7 +258,12 @@ class Pool:
         self._check_pending()
 
     def _check_stall(self) -> None:
-        if self.live or self.no_live_since is None:
+        """Stop when no replica has been live or placed (loading its model) for the stall timeout."""
+        if self.live or any(r.is_placed for r in self.replicas):
+            self.no_live_since = None
+            return
+        if self.no_live_since is None:
+            self.no_live_since = time.monotonic()
             return
         waited = time.monotonic() - self.no_live_since
         if waited > self.resources.stall_timeout:
@@ -383,7 +399,7 @@ def _confirm_dead(handle, limit: float = CONFIRM_DEAD_S) -> None:
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         try:
-            ray.get(handle.ready.remote(), timeout=TICK)
+            ray.get(handle.ping.remote(), timeout=TICK)
         except ActorDiedError:
             return
         except (RayActorError, GetTimeoutError):
