@@ -20,7 +20,7 @@ JOB = JobSpec(model="stand-in", method="saliency", store="unused")
 def replica_class(record_dir: str, behaviour: dict[int, str]):
     """A stand-in replica: ``behaviour[rank]`` is "fail" (raise at once), "replica" (raise ReplicaError) or "full"
     (raise StorageFatal); ``behaviour["any"]``: "die3" (the first replica to run unit 3 exits its process),
-    "noload" (loading the model fails), "slowload" (loading takes 5 s). Others
+    "noload" (loading the model fails), "slowload" (loading takes 25 s). Others
     work for 0.1 s a task. Every task leaves a file ``<rank>-<unit>-<n>`` in ``record_dir``. Built in a function
     so that Ray ships it by value."""
 
@@ -35,7 +35,7 @@ def replica_class(record_dir: str, behaviour: dict[int, str]):
             if behaviour.get("any") == "noload":
                 raise OSError("model folder not found: /nowhere")
             if behaviour.get("any") == "slowload":
-                time.sleep(5)
+                time.sleep(25)
             return {"host": "here", "pid": os.getpid(), "rank": self.rank}
 
         def run(self, task):
@@ -190,6 +190,7 @@ def test_actors_that_cannot_load_the_model_stop_the_job_with_its_error(ray_head,
 
 
 def test_a_slow_model_load_is_not_a_stall(ray_head, tmp_path):
-    # placed actors that are still loading (5 s here, 15 min for a 70B model) keep the stall clock stopped
-    counts, reports, _ = drain(tmp_path, {"any": "slowload"}, n_units=4, stall_timeout=2)
+    # placed actors that are still loading (25 s here, 15 min for a 70B model) keep the stall clock stopped; the
+    # stall timeout leaves 10 s for Ray to start the actors' processes on a busy machine
+    counts, reports, _ = drain(tmp_path, {"any": "slowload"}, n_units=4, stall_timeout=10)
     assert sorted(r.unit for r in reports) == [0, 1, 2, 3]

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from .actor import Attributor, JobSpec, ReplicaError, Report, Task
+from .plan import Unit
 
 TICK = 1.0  # seconds: the longest any wait of the driver blocks before it looks at the job again
 RETIRE_AFTER = 3  # consecutive failed tasks that retire a replica
@@ -66,7 +67,7 @@ class Generate:
     """Generate (or read back from the store) the target of a split unit's example; then its parts run as tasks
     with those ids."""
 
-    unit: object  # plan.Unit
+    unit: Unit
     parts: tuple[int, ...]
 
     @property
@@ -85,7 +86,6 @@ class Replica:
     handle: object
     placed: object  # ObjectRef of handle.ping(): resolves once Ray has placed the actor on a node
     ready: object  # ObjectRef of handle.ready(), submitted after ping: resolves once the model is loaded
-    requested: float
     live: bool = False
     is_placed: bool = False  # ping answered: on a node, loading its model
     where: str = ""  # "host pid" once live
@@ -117,8 +117,8 @@ class Pool:
         gpus = resources.num_gpus
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-            say(f"actors use {'one GPU' if gpus else 'the CPU (the cluster has no GPU now'}"
-                + ("" if gpus else "; pass --num-gpus 1 when an autoscaler adds GPU nodes)") + " each")
+            say("actors use one GPU each" if gpus else "actors use the CPU: the cluster has no GPU now (pass "
+                "--num-gpus 1 when an autoscaler adds GPU nodes)")
         self.options = {"num_cpus": resources.num_cpus, "num_gpus": gpus, "max_restarts": 0}
         self.remote = ray.remote(actor_class)
         self.replicas: list[Replica] = []
@@ -148,8 +148,8 @@ class Pool:
         while len(self.replicas) < self.resources.actors:
             handle = self.remote.options(**self.options).remote(self.job, self.next_rank, self.resources.num_cpus)
             placed = handle.ping.remote()  # an actor runs its calls in order: ping answers first, then ready
-            self.replicas.append(Replica(rank=self.next_rank, handle=handle, placed=placed, ready=handle.ready.remote(),
-                                         requested=time.monotonic()))
+            self.replicas.append(Replica(rank=self.next_rank, handle=handle, placed=placed,
+                                         ready=handle.ready.remote()))
             self.next_rank += 1
 
     def _on_ready(self, replica: Replica) -> None:
