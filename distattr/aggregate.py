@@ -695,3 +695,158 @@ def pair_difference(
         target_attributions=sub(a.target_attributions, b.target_attributions),
         step_scores={k: sub(v, b.step_scores[k]) for k, v in a.step_scores.items()}, deltas=None,
     )
+
+
+# --- Inseq's aggregator names -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InseqPair:
+    """Inseq's ``"pair"`` aggregator: ``paired − attr`` (Inseq's ``PairAggregator.default_fn = lambda x, y: y - x``
+    called as ``fn(attr, paired)``), tokens that differ labelled ``"attr_tok → paired_tok"`` with id -1; the
+    tokens may differ in a pair of equal length. Equal to ``pair_difference(paired, attr, same_tokens=False)``
+    except for the labels' order; deltas are dropped."""
+
+    paired: SequenceAttribution = field(repr=False)
+
+    def __call__(self, seq: SequenceAttribution) -> SequenceAttribution:
+        diff = pair_difference(seq, self.paired, same_tokens=False)  # attr - paired, labels "attr → paired"
+
+        def neg(x):
+            return None if x is None else -x  # exact: -(a - b) is b - a in IEEE arithmetic
+
+        return dataclasses.replace(diff, source_attributions=neg(diff.source_attributions),
+                                   target_attributions=neg(diff.target_attributions),
+                                   step_scores={k: neg(v) for k, v in diff.step_scores.items()})
+
+
+def _one_span(value, keyword: str) -> Span | None:
+    if value is None:
+        return None
+    spans = _as_spans(value, keyword)
+    if len(spans) != 1:
+        raise ValueError(f"{keyword}: distattr's Slice keeps one contiguous (start, end) range, got {len(spans)}; "
+                         "slice once per range")
+    return spans[0]
+
+
+_SUBWORD_MARKERS = ({"▁"}, {"Ġ", "Ċ"}, {"Ġ"}, {"Ċ"})
+
+
+def _subwords(tokenizer=None, aggregate_fn: str | Reducer = "absmax", special_chars=None,
+              is_suffix_symbol: bool = False) -> Stage:
+    if special_chars is not None:
+        chars = {special_chars} if isinstance(special_chars, str) else set(special_chars)
+        if chars not in _SUBWORD_MARKERS:
+            raise ValueError(f"special_chars={special_chars!r}: distattr reads the word-start markers itself "
+                             "(SentencePiece '▁', byte-level BPE 'Ġ'/'Ċ') or decodes the ids with tokenizer=...; "
+                             "other markers are not supported: give explicit spans with 'spans'")
+    if is_suffix_symbol:
+        raise ValueError("is_suffix_symbol=True: distattr's words start at a marker; suffix markers are not supported, "
+                         "give explicit spans with 'spans'")
+    return Words(tokenizer, fn=aggregate_fn)
+
+
+def _spans(source_spans=None, target_spans=None, aggregate_fn: str | Reducer = "absmax") -> Stage:
+    return Spans(source=source_spans or (), target=target_spans or (), fn=aggregate_fn)
+
+
+def _slices(source_spans=None, target_spans=None) -> Stage:
+    return Slice(source=_one_span(source_spans, "source_spans"), target=_one_span(target_spans, "target_spans"))
+
+
+def _pair(paired_attr=None) -> Stage:
+    if not isinstance(paired_attr, SequenceAttribution):
+        raise ValueError(f"'pair' needs paired_attr=<the other SequenceAttribution>, got {type(paired_attr).__name__}")
+    return InseqPair(paired_attr)
+
+
+INSEQ_AGGREGATORS: dict[str, tuple[str, Callable[..., Stage] | None]] = {
+    "scores": ("SequenceAttributionAggregator", None),  # the display aggregation, SequenceAttribution.display
+    "subwords": ("SubwordAggregator", _subwords),
+    "spans": ("ContiguousSpanAggregator", _spans),
+    "slices": ("SliceAggregator", _slices),
+    "pair": ("PairAggregator", _pair),
+}
+"""Inseq's aggregator names (and class names) that distattr runs, mapped to the distattr operation doing the same:
+``scores`` -> :meth:`SequenceAttribution.display` (keywords ``aggregate_fn``, ``normalize``, ``rescale``);
+``subwords`` -> :class:`Words` (``aggregate_fn``, ``special_chars`` among the markers distattr reads, and
+distattr's ``tokenizer``); ``spans`` -> :class:`Spans` (``source_spans``, ``target_spans``, ``aggregate_fn``);
+``slices`` -> :class:`Slice` (one ``source_spans`` / ``target_spans`` range each); ``pair`` -> :class:`InseqPair`
+(``paired_attr``). Inseq's ``split`` (regex splits) has no distattr counterpart and is refused."""
+
+_BY_CLASS = {cls: name for name, (cls, _) in INSEQ_AGGREGATORS.items()}
+
+
+def list_aggregators() -> list[str]:
+    """The aggregator names :meth:`SequenceAttribution.aggregate` accepts (Inseq's ids)."""
+    return list(INSEQ_AGGREGATORS)
+
+
+def _resolve_name(aggregator: str) -> tuple[str, str | None]:
+    """``(Inseq aggregator id, aggregation function or None)`` for a name; unknown names raise."""
+    if aggregator in INSEQ_AGGREGATORS:
+        return aggregator, None
+    if aggregator in _BY_CLASS:
+        return _BY_CLASS[aggregator], None
+    if aggregator in AGGREGATION_FUNCTIONS:  # Inseq: .aggregate("sum") is "scores" with aggregate_fn="sum"
+        return "scores", aggregator
+    names = ", ".join(f"{n!r} ({cls})" for n, (cls, _) in INSEQ_AGGREGATORS.items())
+    raise ValueError(f"Unknown aggregator {aggregator!r}. Valid: {names}, or an aggregation function name as "
+                     f"shorthand for 'scores' ({', '.join(list_aggregation_functions())})")
+
+
+def _keywords(build: Callable[..., Stage]) -> list[str]:
+    import inspect
+
+    return list(inspect.signature(build).parameters)
+
+
+def named_aggregation(result: SequenceAttribution | AttributionOutput, aggregator: str | None = None, *,
+                      normalize: bool | None = None, rescale: bool | None = None,
+                      **kwargs) -> SequenceAttribution | AttributionOutput:
+    """``result.aggregate(aggregator, **kwargs)`` (see :data:`INSEQ_AGGREGATORS`): the display aggregation for None
+    or ``"scores"``, else the distattr stage of the same operation, run with :func:`apply` (so recorded in an
+    output's ``info["aggregation"]``). Unknown names and keywords raise, listing the valid ones."""
+    if aggregator is not None and not isinstance(aggregator, str):
+        raise TypeError(f"aggregator must be a name ({', '.join(list_aggregators())}), not "
+                        f"{type(aggregator).__name__}; for a pipeline use apply(*stages) or chain aggregate() calls")
+    name, fn = ("scores", None) if aggregator is None else _resolve_name(aggregator)
+    if name == "scores":
+        unknown = sorted(set(kwargs) - {"aggregate_fn"})
+        if unknown:
+            raise ValueError(f"Unknown argument(s) {unknown} for aggregator 'scores'; valid: aggregate_fn, normalize, "
+                             "rescale")
+        fn = kwargs.get("aggregate_fn", fn)
+        reducer = None if fn is None else get_aggregation_function(fn)
+        norm = (not rescale) if normalize is None else normalize
+        if isinstance(result, AttributionOutput):
+            return dataclasses.replace(result, sequences=tuple(
+                s.display(norm, bool(rescale), reducer) for s in result.sequences))
+        return result.display(norm, bool(rescale), reducer)
+    given = [k for k, v in (("normalize", normalize), ("rescale", rescale)) if v is not None]
+    if given:
+        raise ValueError(f"aggregator {name!r} does not normalise: drop {' and '.join(given)}, and call .aggregate() "
+                         f"(or apply Normalize()) on its result")
+    build = INSEQ_AGGREGATORS[name][1]
+    valid = _keywords(build)
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(f"Unknown argument(s) {unknown} for aggregator {name!r}; valid: {', '.join(valid)}")
+    if name == "pair" and isinstance(result, AttributionOutput):
+        return _pair_outputs(result, kwargs.get("paired_attr"))
+    return apply(result, build(**kwargs))
+
+
+def _pair_outputs(result: AttributionOutput, paired) -> AttributionOutput:
+    if isinstance(paired, SequenceAttribution):
+        paired = [paired] * len(result)
+    elif isinstance(paired, AttributionOutput):
+        if len(paired) != len(result):
+            raise ValueError(f"'pair': paired_attr holds {len(paired)} examples, this output {len(result)}")
+    else:
+        raise ValueError(f"'pair' needs paired_attr=<an AttributionOutput or SequenceAttribution>, got "
+                         f"{type(paired).__name__}")
+    sequences = tuple(InseqPair(p)(s) for s, p in zip(result.sequences, paired, strict=True))
+    return dataclasses.replace(result, sequences=sequences, info={**result.info, "aggregation": [
+        *result.info.get("aggregation", []), "InseqPair(paired_attr): paired_attr - attr"]})

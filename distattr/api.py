@@ -20,7 +20,9 @@ from .viz.progress import progress_factory
 class AttributionModel:
     """A frozen model plus a default attribution method.
 
-    Build it with :func:`load_model`; call :meth:`attribute`.
+    Build it with :func:`load_model`; call :meth:`attribute`. A model object passed to :func:`load_model` stays
+    frozen (eval mode, no parameter gradients) while distattr holds it; :meth:`release`, or leaving a ``with``
+    block, gives it back as it was.
     """
 
     loaded: LoadedModel
@@ -39,6 +41,20 @@ class AttributionModel:
     @property
     def is_encoder_decoder(self) -> bool:
         return self.adapter.is_encoder_decoder
+
+    def release(self) -> None:
+        """Give a model object passed to :func:`load_model` back as it was: each module's train/eval mode, each
+        parameter's ``requires_grad``, the tokenizer's pad token and ``config.pad_token_id``, bitsandbytes' CPU
+        repacking switch (a move to ``device=`` is not undone). This AttributionModel then refuses to attribute.
+        For a model distattr loaded from a name there is nothing to give back and this does nothing."""
+        if self.loaded.given is not None:
+            self.loaded.given.restore(self.loaded.model)
+
+    def __enter__(self) -> AttributionModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
     def attribute(
         self,
@@ -111,6 +127,9 @@ class AttributionModel:
         Returns:
             :class:`~distattr.results.AttributionOutput`.
         """
+        if self.loaded.given is not None and self.loaded.given.released:
+            raise RuntimeError("This AttributionModel was released: its model is no longer frozen; call "
+                               "distattr.load_model(model, tokenizer=...) again to attribute with it")
         name = method or self.method
         args = {**(self.method_args if name == self.method else {}), **(method_args or {}), **more_method_args}
         if self.loaded.source.get("kind") == "petals":  # blocks on Petals servers: no internals methods
@@ -178,6 +197,13 @@ def load_model(
             quantized layers (``pip install 'distattr[quant]'``).
         method_args / **more_method_args: default arguments of ``method`` (validated now); use the dict
             for names that clash with this signature (e.g. integrated gradients' ``method``).
+
+    A model object passed in is changed in place, as attribution needs: ``eval()`` (dropout off),
+    ``requires_grad_(False)`` on every parameter, the tokenizer's pad token and ``config.pad_token_id`` set from
+    EOS when unset, bitsandbytes 4-bit layers' CPU repacking switched off, and a move to ``device`` when given.
+    Attribution calls may switch the attention implementation or train mode (MC dropout) inside a call and
+    switch it back before returning. :meth:`AttributionModel.release` (or ``with load_model(...) as m:``) puts
+    back the mode, the ``requires_grad`` flags, the pad tokens and the repacking switch as they were.
     """
     method_args = {**(method_args or {}), **more_method_args}
     methods.build_args(method, method_args)

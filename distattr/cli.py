@@ -6,7 +6,15 @@ the heatmaps (``--output`` writes the JSON result, ``--html`` a self-contained p
 ``distattr case-study cat | gender-bias`` reproduces the Inseq paper's case studies (:mod:`distattr.stats`).
 ``distattr stats STORE`` computes dataset-wide statistics of a Zarr store (:mod:`distattr.stats.stats_command`).
 
-Bad input gives a one-line error on stderr and exit status 2 (``--debug`` shows the traceback instead).
+Every failure is one line on stderr (``--debug`` raises instead, with the traceback) and an exit status:
+
+* 2, a usage error: bad options or values, a file or folder that is not there, a missing optional extra
+  (the line says which ``pip install 'distattr[...]'``), any ``ValueError`` of the library (bad input).
+* 1, a runtime failure: the disk, the network or the storage failed (``OSError``, a full or read-only store,
+  a store held by another driver), memory ran out, a dataset job stopped.
+* 1, an internal error (any other exception: a bug): ``internal error: <Type>: <message> (rerun with --debug
+  for the traceback)``.
+* 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -17,8 +25,20 @@ import json
 import sys
 from pathlib import Path
 
+from .arguments import parse_json_value
+
 USAGE_ERROR = 2
-PYTHON_WORDS = {"True": True, "False": False, "None": None}
+RUNTIME_FAILURE = 1
+INTERRUPTED = 130
+# optional modules -> (the extra that installs them, what needs them)
+EXTRAS = {
+    "ray": ("dist", "Ray and Zarr"), "zarr": ("dist", "Ray and Zarr"), "numcodecs": ("dist", "Ray and Zarr"),
+    "fsspec": ("dist", "fsspec"), "dask": ("dist", "Dask"), "xarray": ("dist", "xarray"),
+    "pandas": ("dist", "pandas"), "pyarrow": ("dist", "pyarrow"), "datasets": ("dist", "datasets"),
+    "scipy": ("dist", "SciPy"), "matplotlib": ("viz", "matplotlib"), "bitsandbytes": ("quant", "bitsandbytes"),
+    "sentence_transformers": ("align", "sentence-transformers"),
+}
+DATASET_MODULES = ("ray", "zarr")  # what attribute-dataset imports only once its job starts
 
 
 class UsageError(ValueError):
@@ -32,19 +52,12 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
-def parse_value(text: str):
-    """JSON when it parses (``8``, ``true``, ``[1, 2]``, ``"x"``), Python's True/False/None, else the string."""
-    if text in PYTHON_WORDS:
-        return PYTHON_WORDS[text]
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
+parse_value = parse_json_value  # the reading of untyped KEY=VALUE values (generation, data and storage options)
 
 
-def parse_pairs(items: list[str] | None, flag: str) -> dict:
-    """``["k=v", ...]`` -> ``{k: parse_value(v)}``."""
-    out = {}
+def split_pairs(items: list[str] | None, flag: str) -> dict[str, str]:
+    """``["k=v", ...]`` -> ``{k: "v"}``, the values left as text (read against their types later)."""
+    out: dict[str, str] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         key = key.strip()
@@ -52,8 +65,15 @@ def parse_pairs(items: list[str] | None, flag: str) -> dict:
             raise UsageError(f"{flag} expects key=value, got {item!r}")
         if not key.isidentifier():
             raise UsageError(f"{flag}: {key!r} is not a valid argument name")
-        out[key] = parse_value(value)
+        out[key] = value
     return out
+
+
+def parse_pairs(items: list[str] | None, flag: str) -> dict:
+    """``["k=v", ...]`` -> ``{k: parse_value(v)}`` (JSON when it parses), for options whose types are not
+    declared; method and step function arguments are read against their types instead
+    (:func:`distattr.methods.parse_args`, :func:`distattr.steps.parse_step_args`)."""
+    return {key: parse_value(value) for key, value in split_pairs(items, flag).items()}
 
 
 def parse_alignment(text: str | None) -> str | list[tuple[int, int]] | None:
@@ -72,14 +92,38 @@ def parse_alignment(text: str | None) -> str | list[tuple[int, int]] | None:
 
 
 def parse_step_score_pairs(items: list[str] | None) -> dict:
-    """``["name.k=v", ...]`` -> ``{name: {k: v}}``."""
-    out: dict[str, dict] = {}
+    """``["name.k=v", ...]`` -> ``{name: {k: v}}``, each value read against the type of the step function's
+    parameter (:func:`distattr.steps.parse_step_args`)."""
+    from .steps import parse_step_args
+
+    texts: dict[str, dict[str, str]] = {}
     for item in items or []:
         target, sep, rest = item.partition(".")
         if not sep or not target or "=" not in rest:
             raise UsageError(f"--step-score-arg expects name.key=value, got {item!r}")
-        out.setdefault(target, {}).update(parse_pairs([rest], "--step-score-arg"))
-    return out
+        texts.setdefault(target, {}).update(split_pairs([rest], "--step-score-arg"))
+    return {name: parse_step_args(name, pairs) for name, pairs in texts.items()}
+
+
+class StepScoresAction(argparse.Action):
+    """``--step-scores NAME [NAME ...]`` that gives back what is clearly not a name: an unknown name with a space
+    in it is the input text that ``nargs='+'`` swallowed (``attribute --step-scores probability "The capital of
+    France is"``), so it goes to the input texts (``input_texts``) when the command has them."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .steps import STEP_FUNCTIONS
+
+        names = list(getattr(namespace, self.dest, None) or [])
+        has_texts = hasattr(namespace, "input_texts")  # attribute has TEXT arguments, attribute-dataset has not
+        for value in values:
+            if has_texts and value not in STEP_FUNCTIONS and any(c.isspace() for c in value.strip()):
+                setattr(namespace, SWALLOWED, [*getattr(namespace, SWALLOWED, []), value])
+            else:
+                names.append(value)
+        setattr(namespace, self.dest, names)
+
+
+SWALLOWED = "texts_after_step_scores"  # namespace attribute of the texts StepScoresAction gave back
 
 
 def add_attribution_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,8 +135,9 @@ def add_attribution_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attribution method (default: %(default)s); see 'distattr methods'")
     parser.add_argument("--method-arg", action="append", metavar="KEY=VALUE",
                         help="method argument, repeatable (values are JSON when they parse, e.g. n_steps=8)")
-    parser.add_argument("--step-scores", nargs="+", action="extend", metavar="NAME",
-                        help="step functions to report per generated token; see 'distattr step-functions'")
+    parser.add_argument("--step-scores", nargs="+", action=StepScoresAction, metavar="NAME",
+                        help="step functions to report per generated token; see 'distattr step-functions' (a "
+                             "value with a space that is not a step function is taken as an input text)")
     parser.add_argument("--step-score-arg", action="append", metavar="NAME.KEY=VALUE",
                         help="argument of a step score, repeatable (e.g. top_p_size.top_p=0.5)")
     parser.add_argument("--attributed-fn", default="probability", metavar="NAME",
@@ -222,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--device", help="where to run, e.g. cpu, cuda, cuda:1, mps")
     add_model_arguments(att)
     att.add_argument("--output", "-o", metavar="FILE.json", help="save the result (reload with distattr.load)")
+    att.add_argument("--force", action="store_true", help="replace an existing --output file")
     att.add_argument("--html", metavar="FILE.html", help="write a self-contained HTML page of the heatmaps")
     att.add_argument("--png", metavar="FILE.png",
                      help="write a heatmap figure (needs matplotlib: pip install 'distattr[viz]'); with several "
@@ -236,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .dist.command import add_parser as add_dataset_parser
 
-    add_dataset_parser(sub)
+    dataset = add_dataset_parser(sub)
+    dataset.set_defaults(func=_with_dataset_extra(dataset.get_default("func")))
     from .stats.command import add_parser as add_case_study_parser
 
     add_case_study_parser(sub)  # distattr case-study cat | gender-bias
@@ -276,10 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 2 bad input)."""
+    """Run the command line; returns the exit status: 0 ok, 2 usage error, 1 runtime failure or internal error,
+    130 interrupted (see the module docstring). With ``--debug`` errors are raised, traceback and all."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if debug:  # accepted anywhere on the line, as "rerun with --debug" suggests, not only before the command
+        argv = ["--debug", *(a for a in argv if a != "--debug")]
     try:
         args = parser.parse_args(argv)
         if args.command is None:
@@ -290,12 +340,41 @@ def main(argv: list[str] | None = None) -> int:
         return stop.code if isinstance(stop.code, int) else 0
     except KeyboardInterrupt:
         print("distattr: interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, TypeError, OSError, KeyError, LookupError) as err:
+        return INTERRUPTED
+    except Exception as err:
         if debug:
             raise
-        print(f"distattr: error: {_one_line(err)}", file=sys.stderr)
-        return USAGE_ERROR
+        status, message = classify_error(err)
+        print(f"distattr: {message}", file=sys.stderr)
+        return status
+
+
+def classify_error(err: Exception) -> tuple[int, str]:
+    """The exit status and the one line (after ``distattr: ``) of an exception that ended a command."""
+    from .store.errors import StorageFatal, StoreBusy
+
+    if isinstance(err, ImportError):
+        missing = (err.name or "").partition(".")[0]
+        if missing in EXTRAS:
+            extra, what = EXTRAS[missing]
+            return USAGE_ERROR, f"error: this needs {what}, which is not installed: pip install 'distattr[{extra}]'"
+        if "pip install" in str(err):  # the library's own "needs X: pip install ..." messages
+            return USAGE_ERROR, f"error: {_one_line(err)}"
+    if isinstance(err, StorageFatal | StoreBusy):  # the storage failed or is held: not the input's fault
+        return RUNTIME_FAILURE, f"error: {_one_line(err)}"
+    if isinstance(err, ValueError | FileNotFoundError | IsADirectoryError | NotADirectoryError):
+        return USAGE_ERROR, f"error: {_one_line(err)}"  # bad input, or a path given that is not there
+    if isinstance(err, OSError | MemoryError) or _is_out_of_memory(err) or \
+            (isinstance(err, RuntimeError) and type(err).__module__.startswith("distattr.")):
+        return RUNTIME_FAILURE, f"error: {_one_line(err)}"  # disk, network, memory, a stopped job
+    return RUNTIME_FAILURE, (f"internal error: {type(err).__name__}: {' '.join(str(err).split())} "
+                             "(rerun with --debug for the traceback)")
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, torch.OutOfMemoryError)
 
 
 def _one_line(err: BaseException) -> str:
@@ -304,18 +383,45 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
+def require_dataset_extra() -> None:
+    """Refuse ``attribute-dataset`` before it starts when Ray or Zarr is missing (they are imported only once the
+    job runs, after the data is read and the store opened)."""
+    import importlib
+
+    for module in DATASET_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise UsageError("attribute-dataset needs Ray and Zarr: pip install 'distattr[dist]'") from None
+
+
+def _with_dataset_extra(command):
+    """``command`` run only after :func:`require_dataset_extra`."""
+
+    def run(args) -> int:
+        require_dataset_extra()
+        return command(args)
+
+    return run
+
+
 # ---------------------------------------------------------------- commands
 
 
 def _input_texts(args) -> list[str]:
-    texts = list(args.input_texts)
+    """The TEXT arguments (with those :class:`StepScoresAction` gave back), then the lines of --inputs-file."""
+    texts = [*args.input_texts, *getattr(args, SWALLOWED, [])]
     if args.inputs_file:
         path = Path(args.inputs_file)
         if not path.is_file():
             raise FileNotFoundError(f"inputs file not found: {args.inputs_file}")
         texts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not texts:
-        raise UsageError("no input text given (pass TEXT arguments or --inputs-file)")
+        several = [flag for flag, values in (("--generated-texts", args.generated_texts),
+                                             ("--contrast-targets", args.contrast_targets)) if values]
+        hint = f"; {' and '.join(several)} took every text after it: put the input texts first or after '--'" \
+            if several else ""
+        raise UsageError(f"no input text given (pass TEXT arguments or --inputs-file){hint}")
     return texts
 
 
@@ -330,9 +436,20 @@ def _device(name: str | None) -> str | None:
     import torch
 
     try:
-        torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"--device: {name!r} is not a device (e.g. cpu, cuda, cuda:0, mps)") from None
+    if device.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise UsageError(f"--device {name}: CUDA is not available in this torch build ({torch.__version__}); "
+                             "use --device cpu or install a CUDA build of torch")
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA device is visible (torch.cuda.is_available() is False)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {name}: this machine has {count} CUDA device(s), numbered from 0")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available on this machine or torch build")
     return name
 
 
@@ -349,18 +466,22 @@ def attribution_options(args) -> dict:
     """Validate the options of :func:`add_attribution_arguments` (before any model is loaded) and return
     ``method_args`` plus the keyword arguments of ``AttributionModel.attribute``."""
     from . import methods, steps
+    from .engine import check_generation_args
 
-    method_args = parse_pairs(args.method_arg, "--method-arg")
-    methods.build_args(args.method, method_args)  # unknown method or argument: fail before loading the model
+    # unknown methods, argument names and ill-typed values: fail before loading the model
+    method_args = methods.parse_args(args.method, split_pairs(args.method_arg, "--method-arg"))
     generation_args = parse_pairs(args.generation_arg, "--generation-arg")
     if args.max_new_tokens is not None:
         if args.max_new_tokens < 1:
             raise UsageError("--max-new-tokens must be at least 1")
         generation_args["max_new_tokens"] = args.max_new_tokens
+    check_generation_args(generation_args)
     step_scores = list(dict.fromkeys(args.step_scores or []))
-    step_scores_args = parse_step_score_pairs(args.step_score_arg)
-    for name in (args.attributed_fn, *step_scores, *step_scores_args):
+    for name in (args.attributed_fn, *step_scores):
         steps.get_step_function(name)
+    step_scores_args = parse_step_score_pairs(args.step_score_arg)
+    attributed_fn_args = steps.parse_step_args(args.attributed_fn,
+                                               split_pairs(args.attributed_fn_arg, "--attributed-fn-arg"))
     unused = sorted(set(step_scores_args) - set(step_scores))
     if unused:
         raise UsageError(f"--step-score-arg given for {', '.join(unused)}, which is not in --step-scores")
@@ -368,7 +489,7 @@ def attribution_options(args) -> dict:
         raise UsageError("--token-budget and --batch-size must be at least 1")
     return {
         "method_args": method_args, "generation_args": generation_args, "attributed_fn": args.attributed_fn,
-        "attributed_fn_args": parse_pairs(args.attributed_fn_arg, "--attributed-fn-arg"),
+        "attributed_fn_args": attributed_fn_args,
         "step_scores": step_scores, "step_scores_args": step_scores_args,
         "contrast_targets_alignments": parse_alignment(args.contrast_alignment),
         "contrast_alignment_model": args.contrast_alignment_model, "attribute_target": args.attribute_target,
@@ -389,6 +510,8 @@ def cmd_attribute(args) -> int:
         raise UsageError("--contrast-alignment and --contrast-alignment-model need --contrast-targets")
     load_options = model_options(args)
     json_path, html_path = _output_path(args.output, "--output"), _output_path(args.html, "--html")
+    if json_path is not None and json_path.exists() and not args.force:  # before the model loads
+        raise UsageError(f"--output {json_path} exists; pass --force to replace it")
     png_path = _output_path(args.png, "--png")
     if png_path is not None:
         from .viz.plot import require_matplotlib
@@ -407,7 +530,7 @@ def cmd_attribute(args) -> int:
                           show_progress=not args.quiet, **options)
     normalize, rescale = not (args.raw or args.rescale), args.rescale
     if json_path is not None:
-        out.save(json_path)
+        out.save(json_path, overwrite=args.force)
         _status(args, f"Saved the result to {json_path}")
     if html_path is not None:
         from .viz.html import render_html
@@ -467,10 +590,14 @@ def _columns(rows: list[tuple[str, ...]]) -> list[str]:
 
 
 def cmd_plan(args) -> int:
+    from .methods import METHODS, parse_args
     from .planner import plan
 
+    texts = split_pairs(args.method_arg, "--method-arg")
+    method_args = parse_args(args.method, texts) if args.method in METHODS else \
+        {key: parse_value(text) for key, text in texts.items()}  # the planner names the methods it plans
     result = plan(args.model, args.devices, args.quantization, args.method, args.max_length, args.generated,
-                  dtype=args.dtype, method_args=parse_pairs(args.method_arg, "--method-arg"), examples=args.examples,
+                  dtype=args.dtype, method_args=method_args, examples=args.examples,
                   double_quant=not args.no_double_quant, steps_per_row=args.steps_per_row, reserve=args.reserve)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
     return 0

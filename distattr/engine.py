@@ -12,8 +12,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,12 +23,12 @@ from . import alignment
 from . import methods as method_registry
 from .methods.base import Example, MethodOutput, Picks, Request
 from .models.adapters import Adapter, dropout_rerun, id_rows, input_device
-from .models.loading import LoadedModel
+from .models.loading import LoadedModel, context_length
 from .models.memory import default_token_budget
 from .models.quantization import guard_4bit_gradients
 from .models.small_batch import small_batch_linears
 from .results import AttributionOutput, SequenceAttribution
-from .steps import Contrast, StepContext, get_step_function
+from .steps import Contrast, StepContext, check_step_args, get_step_function
 
 
 @dataclass(frozen=True)
@@ -94,15 +95,6 @@ def encode_text(tokenizer, text: str, add_special: bool, as_target: bool = False
     return ids
 
 
-def _context_limit(model) -> int | None:
-    config = model.config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def _decoder_start(model) -> int:
     start = getattr(model.config, "decoder_start_token_id", None)
     if start is None:
@@ -133,6 +125,52 @@ def _baseline(ids: torch.Tensor, unk: int, eos: int | None, keep_eos: bool, keep
     if keep_first:
         base[0] = ids[0]
     return base
+
+
+# model.generate arguments with an obvious valid range: name -> (type, test, what the test asks for)
+GENERATION_CHECKS: dict[str, tuple[type, Callable[[float], bool], str]] = {
+    "max_new_tokens": (int, lambda v: v >= 1, "at least 1"),
+    "min_new_tokens": (int, lambda v: v >= 0, "at least 0"),
+    "max_length": (int, lambda v: v >= 1, "at least 1"),
+    "min_length": (int, lambda v: v >= 0, "at least 0"),
+    "num_beams": (int, lambda v: v >= 1, "at least 1"),
+    "num_beam_groups": (int, lambda v: v >= 1, "at least 1"),
+    "num_return_sequences": (int, lambda v: v == 1, "1 (one generation is attributed per input)"),
+    "top_k": (int, lambda v: v >= 0, "at least 0"),
+    "no_repeat_ngram_size": (int, lambda v: v >= 0, "at least 0"),
+    "temperature": (float, lambda v: v > 0, "greater than 0"),
+    "top_p": (float, lambda v: 0 < v <= 1, "in (0, 1]"),
+    "typical_p": (float, lambda v: 0 < v <= 1, "in (0, 1]"),
+    "min_p": (float, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "repetition_penalty": (float, lambda v: v > 0, "greater than 0"),
+    "length_penalty": (float, lambda v: True, "a number"),
+    "do_sample": (bool, lambda v: True, "true or false"),
+}
+
+
+def check_generation_args(args: dict) -> dict:
+    """Refuse ``generation_args`` that cannot work before anything is loaded or generated: the numbers of
+    :data:`GENERATION_CHECKS` must have their type and range (``max_new_tokens >= 1``, ``num_beams >= 1``,
+    ``temperature > 0``...). Other names go to ``model.generate`` unchecked. Returns ``args``."""
+    if not isinstance(args, dict):
+        raise TypeError(f"generation_args must be a dict, not {type(args).__name__}")
+    for name, value in args.items():
+        if name not in GENERATION_CHECKS:
+            continue
+        kind, test, wanted = GENERATION_CHECKS[name]
+        if not _is_kind(value, kind) or not test(value):
+            what = "true or false" if kind is bool else f"{'an integer' if kind is int else 'a number'} {wanted}"
+            raise ValueError(f"generation argument {name} must be {what}, not {value!r}")
+    return args
+
+
+def _is_kind(value: object, kind: type) -> bool:
+    """``value`` is a bool for ``bool``, an int (not a bool) for ``int``, a finite int or float for ``float``."""
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int)
+    return isinstance(value, int | float) and math.isfinite(value)
 
 
 def _generate(loaded: LoadedModel, sources: list[list[int]], args: dict, batch_size: int) -> list[list[int]]:
@@ -208,7 +246,7 @@ def prepare(loaded: LoadedModel, texts, generated_texts, cfg: AttributeConfig) -
     sources = _as_list(texts, "input text")
     n = len(sources)
     source_ids = [encode_text(tokenizer, s, add_special) for s in sources]
-    limit = _context_limit(model)
+    limit = context_length(model.config)
 
     if generated_texts is not None:
         targets, target_ids = _given_targets(loaded, sources, source_ids, generated_texts, add_special)
@@ -524,7 +562,10 @@ def attribute(loaded: LoadedModel, adapter: Adapter, texts, generated_texts, cfg
     method_registry.build_args(cfg.method, cfg.method_args)  # fail fast on bad arguments
     for name in cfg.step_scores:
         get_step_function(name)
-    get_step_function(cfg.attributed_fn)
+    check_step_args(cfg.attributed_fn, cfg.attributed_fn_args)
+    for name, kwargs in cfg.step_scores_args.items():
+        check_step_args(name, kwargs)
+    check_generation_args(cfg.generation_args)
     guard_4bit_gradients(loaded.model)  # bitsandbytes must not repack 4-bit weights in no-grad forwards
     if cfg.token_budget is None:
         cfg = dataclasses.replace(cfg, token_budget=default_token_budget(loaded.model))

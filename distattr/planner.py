@@ -54,6 +54,7 @@ from .methods import build_args
 from .methods.base import NO_GRAD_BUDGET_FACTOR, Example
 from .methods.gradient import VJP_TOKEN_FACTOR
 from .methods.rows import Unit, choose_width, pack, plan_units
+from .models.loading import context_length
 from .models.memory import activation_bytes_per_layer_token, decoder_layer_count, default_token_budget
 
 GIB = 2**30
@@ -478,6 +479,9 @@ def plan(
     reserve_bytes = ACCELERATOR_RESERVE if reserve is None else _reserve(reserve)
 
     config, name = load_config(model)
+    context = context_length(config)
+    if context is not None and max_length > context:
+        raise PlanError(f"--max-length {max_length} is longer than {name}'s context of {context} tokens")
     meta = build_meta_model(config, dtype)
     groups = quantize_meta(meta, quantization, double_quant)
     stand_ins = _examples(max_length, generated, examples)
@@ -586,7 +590,7 @@ class Placer:
         used = {k: [0, 0] for k in self.limits}
         homeless = 0
         for module, where in device_map.items():
-            weight = self.sizes[module]
+            weight = self.sizes.get(module, 0)  # a tied module (lm_head = embed_tokens) is counted with its owner
             act = sum(size for name, size in acts.items() if module in ("", name) or name.startswith(module + "."))
             if where in self.offloaded:
                 homeless += weight + act
@@ -645,7 +649,10 @@ def _method(method: str, n_steps: int | None, method_args: Mapping | None):
     kwargs = dict(method_args or {})
     if n_steps is not None:
         kwargs["n_steps"] = n_steps
-    args = build_args(method, kwargs)
+    try:
+        args = build_args(method, kwargs)
+    except ValueError as err:  # the method's own checks (names, types, ranges) are the planner's input errors
+        raise PlanError(str(err)) from None
     for field_name in ("n_steps", "n_samples", "internal_batch_size"):
         value = getattr(args, field_name, None)
         if value is not None and (not isinstance(value, int) or value < 1):

@@ -5,7 +5,15 @@ explains target token ``attr_pos_start + c``. For decoder-only models ``source_t
 ``target_tokens`` the whole sequence (prompt + generation) and ``source_attributions`` is None, as in
 Inseq. Future target tokens are NaN.
 
-The JSON file (format ``distattr.attribution``, version 1) is a public contract documented in the README.
+The JSON file (format ``distattr.attribution``, version 1) is a public contract documented in the README. It is
+strict JSON (RFC 8259), which has no NaN or infinity, so in the ``data`` lists of arrays (attributions, step
+scores, deltas) NaN is written ``null`` and the infinities as the strings ``"Infinity"`` and ``"-Infinity"``
+(the spelling of JavaScript's ``Number()`` and Python's ``float()``); :func:`load` reads them back exactly, and
+also accepts ``"NaN"``. In ``info``, which is metadata, a non-finite number is written ``null``.
+
+:meth:`AttributionOutput.save` refuses to replace an existing file unless ``overwrite=True``, and writes
+atomically: a temporary file with a unique name in the same folder, flushed to disk, then renamed over the
+target, so a reader (or a crash) never sees a half-written file.
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,19 +55,40 @@ class SequenceAttribution:
         """The explained target tokens, one per column."""
         return self.target_tokens[self.attr_pos_start : self.attr_pos_end]
 
-    def aggregate(self, normalize: bool = True, rescale: bool = False) -> SequenceAttribution:
-        """Inseq's display aggregation: average each extra dim (last first), L1-normalising every column
-        over source + target tokens after each stage (``normalize``), or dividing by the global max |value|
-        (``rescale``). Token-level gradient scores are already L2-reduced over the hidden size."""
+    def aggregate(self, aggregator: str | bool | None = None, rescale: bool | None = None, *,
+                  normalize: bool | None = None, **kwargs) -> SequenceAttribution:
+        """Aggregate by name, as Inseq's ``aggregate``; without a name, Inseq's display aggregation.
+
+        ``aggregator`` (see :data:`distattr.aggregate.INSEQ_AGGREGATORS`): None or ``"scores"`` is the display
+        aggregation: average each extra dim (last first; ``aggregate_fn=`` picks another function, and a bare
+        function name such as ``"sum"`` is short for ``"scores"`` with it), L1-normalising every column over
+        source + target tokens after each stage (``normalize``, default True), or dividing by the global max
+        |value| (``rescale``). Token-level gradient scores are already L2-reduced over the hidden size.
+        ``"subwords"``, ``"spans"``, ``"slices"`` and ``"pair"`` (or their Inseq class names) run the
+        distattr stage doing the same, with Inseq's keyword arguments. An unknown name or argument is an
+        error listing the valid ones. A bool first argument is ``normalize`` (the older positional form)."""
+        if isinstance(aggregator, bool):
+            if normalize is not None:
+                raise TypeError("aggregate() got normalize twice (positionally and by keyword)")
+            aggregator, normalize = None, aggregator
+        from .aggregate import named_aggregation
+
+        return named_aggregation(self, aggregator, normalize=normalize, rescale=rescale, **kwargs)
+
+    def display(self, normalize: bool = True, rescale: bool = False, fn=None) -> SequenceAttribution:
+        """Inseq's display aggregation (``aggregate()``, ``aggregate("scores")``): reduce each extra dim, last first,
+        with ``fn`` (default NaN-ignoring mean), L1-normalising every column over source + target tokens after
+        each stage (``normalize``) or dividing by the global max |value| at the end (``rescale``)."""
         if normalize and rescale:
             raise ValueError("normalize and rescale are mutually exclusive")
+        reduce = _nanmean_last if fn is None else (lambda x: np.asarray(fn(x, x.ndim - 1), dtype=np.float32))
         src, tgt = self.source_attributions, self.target_attributions
         dims = list(self.dims)
         stages = max(len(dims), 1)
         for _ in range(stages):
             if dims:
-                src = None if src is None else _nanmean_last(src)
-                tgt = None if tgt is None else _nanmean_last(tgt)
+                src = None if src is None else reduce(src)
+                tgt = None if tgt is None else reduce(tgt)
                 dims.pop()
             if normalize:
                 src, tgt = normalize_columns(src, tgt)
@@ -147,8 +178,18 @@ class AttributionOutput:
     def __iter__(self) -> Iterator[SequenceAttribution]:
         return iter(self.sequences)
 
-    def aggregate(self, normalize: bool = True, rescale: bool = False) -> AttributionOutput:
-        return dataclasses.replace(self, sequences=tuple(s.aggregate(normalize, rescale) for s in self.sequences))
+    def aggregate(self, aggregator: str | bool | None = None, rescale: bool | None = None, *,
+                  normalize: bool | None = None, **kwargs) -> AttributionOutput:
+        """Aggregate every example (see :meth:`SequenceAttribution.aggregate`); a named aggregation is recorded in
+        ``info["aggregation"]``. For ``"pair"``, ``paired_attr`` is an output with as many examples (or one
+        example used for all)."""
+        if isinstance(aggregator, bool):
+            if normalize is not None:
+                raise TypeError("aggregate() got normalize twice (positionally and by keyword)")
+            aggregator, normalize = None, aggregator
+        from .aggregate import named_aggregation
+
+        return named_aggregation(self, aggregator, normalize=normalize, rescale=rescale, **kwargs)
 
     def apply(self, *stages) -> AttributionOutput:
         """Run aggregation stages in order on every example (:mod:`distattr.aggregate`); the stages are
@@ -188,31 +229,92 @@ class AttributionOutput:
             return plot_figures(self, normalize=normalize, rescale=rescale, index=index, **kwargs)
         return save_plots(self, path, normalize=normalize, rescale=rescale, index=index, **kwargs)
 
-    def save(self, path: str | Path, overwrite: bool = True) -> Path:
-        """Write the JSON file (NaN as ``null``); reading it back with :func:`load` is exact."""
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write the JSON file (see the module docstring for NaN and infinities); :func:`load` reads it back
+        exactly. An existing file is replaced only with ``overwrite=True`` (:class:`FileExistsError` otherwise).
+        The write is atomic: a unique temporary file in the same folder, flushed to disk, renamed into place;
+        on any error the temporary file is removed and an existing file is left as it was."""
         path = Path(path)
         if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists (pass overwrite=True)")
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
         path.parent.mkdir(parents=True, exist_ok=True)
         doc = {"format": FORMAT, "version": FORMAT_VERSION, "info": _jsonable(self.info),
                "sequences": [_seq_to_json(s) for s in self.sequences]}
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(doc, allow_nan=False))
-        tmp.replace(path)
+        _write_atomically(path, doc, overwrite)
         return path
+
+
+def _write_atomically(path: Path, doc: dict, overwrite: bool) -> None:
+    """Write ``doc`` as JSON to a unique temporary file next to ``path``, fsync it, and move it into place:
+    ``os.replace`` with ``overwrite``, else a hard link that fails if ``path`` appeared meanwhile (a plain check
+    then rename where the file system has no hard links)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for a plain open
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(doc, f, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(f"{path} exists; pass overwrite=True to replace it") from None
+            except OSError:  # no hard links here (FAT, some network file systems)
+                if path.exists():
+                    raise FileExistsError(f"{path} exists; pass overwrite=True to replace it") from None
+                os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename durable where the platform allows opening a folder (POSIX)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+_NONFINITE_TO_JSON = {math.inf: "Infinity", -math.inf: "-Infinity"}
+_NONFINITE_FROM_JSON = {None: math.nan, "NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _number_to_json(v: float):
+    if math.isnan(v):
+        return None
+    return _NONFINITE_TO_JSON.get(v, v)
+
+
+def _number_from_json(v):
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        return v
+    try:
+        return _NONFINITE_FROM_JSON[v]
+    except (KeyError, TypeError):
+        raise ValueError(f"{v!r} is not a number (numbers, null, \"NaN\", \"Infinity\" or \"-Infinity\")") from None
 
 
 def _array_to_json(a: np.ndarray | None):
     if a is None:
         return None
-    flat = [None if math.isnan(v) else v for v in np.asarray(a, dtype=np.float32).astype(np.float64).ravel().tolist()]
+    flat = [_number_to_json(v) for v in np.asarray(a, dtype=np.float32).astype(np.float64).ravel().tolist()]
     return {"shape": list(a.shape), "data": flat}
 
 
 def _array_from_json(obj) -> np.ndarray | None:
     if obj is None:
         return None
-    data = np.array([np.nan if v is None else v for v in obj["data"]], dtype=np.float64)
+    data = np.array([_number_from_json(v) for v in obj["data"]], dtype=np.float64)
     return data.astype(np.float32).reshape(obj["shape"])
 
 
@@ -250,7 +352,7 @@ def _jsonable(obj):
     if isinstance(obj, str | int | float | bool) or obj is None:
         return obj
     if isinstance(obj, np.generic):
-        return obj.item()
+        return _jsonable(obj.item())
     return repr(obj)
 
 
@@ -273,4 +375,6 @@ def load(path: str | Path) -> AttributionOutput:
         sequences = tuple(_seq_from_json(s) for s in doc["sequences"])
     except (KeyError, TypeError) as err:
         raise ValueError(f"{path} is a damaged distattr result: {err!r}") from None
+    except ValueError as err:
+        raise ValueError(f"{path} is a damaged distattr result: {err}") from None
     return AttributionOutput(sequences=sequences, info=doc.get("info", {}))

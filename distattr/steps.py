@@ -16,11 +16,14 @@ Definitions follow Inseq 0.7.1 (natural logs, softmax probabilities), except whe
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .arguments import check_value, parameter_hints, parse_text
 
 
 @dataclass(frozen=True)
@@ -240,6 +243,48 @@ def get_step_function(name: str) -> StepFunction:
         raise ValueError(
             f"Unknown step function {name!r}. Available: {', '.join(sorted(STEP_FUNCTIONS))}"
         ) from None
+
+
+def step_parameters(name: str) -> dict[str, object] | None:
+    """The keyword parameters of step function ``name`` after its context, ``{name: type hint}`` (``Any`` where
+    unannotated); None when it takes ``**kwargs`` (any name goes)."""
+    fn = get_step_function(name).fn
+    params = list(inspect.signature(fn).parameters.values())[1:]  # the first one receives the StepContext
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    hints = parameter_hints(fn)
+    return {p.name: hints.get(p.name, inspect.Parameter.empty) for p in params
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+
+
+def _check_names(name: str, params: dict | None, kwargs) -> None:
+    if params is None:
+        return
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        valid = ", ".join(sorted(params)) or "none"
+        raise ValueError(f"Unknown argument(s) {unknown} for step function {name!r}. Valid arguments: {valid}")
+
+
+def check_step_args(name: str, kwargs: dict) -> dict:
+    """Validate ``kwargs`` for step function ``name``: known parameter names, values of their annotated types
+    (``logprob="no"`` is an error, not True). Returns ``kwargs``."""
+    params = step_parameters(name)
+    _check_names(name, params, kwargs)
+    for key, value in kwargs.items():
+        check_value(f"{name} argument {key}", value, (params or {}).get(key, inspect.Parameter.empty))
+    return kwargs
+
+
+def parse_step_args(name: str, texts: dict[str, str]) -> dict:
+    """Command-line ``{key: text}`` -> ``{key: value}`` for step function ``name``, read against its parameters'
+    types (``logprob=no`` -> False, ``top_p=0.5`` -> 0.5); unannotated parameters read the text as JSON."""
+    params = step_parameters(name)
+    _check_names(name, params, texts)
+    hints = params or {}
+    values = {key: parse_text(f"{name} argument {key}", text, hints.get(key, inspect.Parameter.empty))
+              for key, text in texts.items()}
+    return check_step_args(name, values)
 
 
 def list_step_functions() -> list[str]:

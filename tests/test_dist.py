@@ -237,7 +237,7 @@ def test_cluster_address_that_does_not_answer(tmp_path):
     done = subprocess.run(_cli("--data", str(data), "--max-new-tokens", "2", "--store", str(tmp_path / "s.zarr"),
                                "--address", f"127.0.0.1:{free_port()}"), env=ray_env(), capture_output=True,
                           text=True, timeout=300)
-    assert done.returncode == 2
+    assert done.returncode == 1  # a runtime failure (the cluster is down or elsewhere), not a malformed command
     assert "no Ray cluster answers at" in done.stderr
     assert not (tmp_path / "s.zarr").exists()
 

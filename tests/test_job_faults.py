@@ -82,18 +82,18 @@ def test_a_resumed_split_example_keeps_its_sampled_generation(ray_head, gpt2, tm
 
 
 def test_a_second_driver_is_refused_and_a_dead_drivers_lease_is_taken_over(ray_head, gpt2, tmp_path):
-    rows = prompts(16)
+    rows = prompts(48)  # long enough (~1 min) for the two refused drivers to run while the first works
     data, store = write_jsonl(tmp_path / "d.jsonl", rows), str(tmp_path / "leased.zarr")
-    cmd = cli(ray_head, "--model", gpt2, "--method", "integrated_gradients", "--method-arg", "n_steps=300",
+    cmd = cli(ray_head, "--model", gpt2, "--method", "integrated_gradients", "--method-arg", "n_steps=500",
               "--data", str(data), "--id-field", "uid", "--max-new-tokens", "6", "--unit-size", "2", "--store", store)
     first = start_until(cmd, lambda: (Path(store) / "lease.json").exists())
     try:
         for extra in ((), ("--new-store",)):
             second = subprocess.run(cmd + list(extra), env=ray_env(), capture_output=True, text=True, timeout=300)
-            assert second.returncode == 2, second.stderr[-2000:]
+            assert second.returncode == 1, second.stderr[-2000:]  # a runtime condition: the store is busy
             (line,) = error_lines(second.stderr)
             assert "is in use by another driver (host" in line and f"pid {first.pid}" in line
-        assert first.poll() is None  # the first driver and its store were left alone
+        assert first.poll() is None and (Path(store) / "lease.json").exists()  # the first driver was left alone
     finally:
         first.kill()
         first.wait()

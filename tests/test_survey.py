@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from distattr.dist.data import DataError, Fields, Record, Rows, record_digest, records
-from distattr.dist.plan import PlanConfig, Size, checked_units, model_context, plan_units, sizer, survey
+from distattr.dist.plan import PlanConfig, Size, checked_units, plan_units, sizer, survey
 from distattr.models.identity import model_identity
+from distattr.models.loading import context_length as model_context
 
 WORDS = ("the", "cat", "is", "in", "house", "and", "dog", "was", "on", "a", "big", "red", "tower", "paris")
 FIELDS = Fields(text="prompt", id="uid")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import types
+from collections.abc import Iterator, Sequence
 
-from .. import methods
+from .. import methods, steps
+from ..engine import check_generation_args
+from ..models.loading import portable_load_args
 from .actor import JobSpec
 from .data import DataError, Fields, Rows
 from .plan import PlanConfig
@@ -83,7 +86,12 @@ def attribute_dataset(
     Raises:
         JobStopped: the job cannot go on (no actor placeable for ``stall_timeout`` seconds, a store that refuses
             writes); everything written so far stays, and the same call resumes.
+        DataError: ``data`` is a generator or another one-shot iterator (the job reads the data twice).
+        ValueError: a ``load_args`` value has no JSON form (see :func:`~distattr.models.loading.portable_load_args`:
+            a ``torch.dtype`` or a ``BitsAndBytesConfig`` as ``quantization`` is converted, other objects refused).
     """
+    _check_rereadable(data)
+    load_args = portable_load_args(dict(load_args or {}))
     unknown = sorted(set(attribute_args) - set(ATTRIBUTE_ARGS))
     if unknown:
         raise ValueError(f"unknown attribute argument(s) {unknown}; valid: {', '.join(ATTRIBUTE_ARGS)}")
@@ -93,11 +101,16 @@ def attribute_dataset(
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
         generation["max_new_tokens"] = max_new_tokens
-    attribute_args["generation_args"] = generation
+    attribute_args["generation_args"] = check_generation_args(generation)  # before any actor loads a model
     if "step_scores" in attribute_args:
         attribute_args["step_scores"] = list(attribute_args["step_scores"])
+    step_args = attribute_args.get("step_scores_args") or {}
+    for name in {*attribute_args.get("step_scores", ()), *step_args}:
+        steps.check_step_args(name, dict(step_args.get(name, {})))
+    if attribute_args.get("attributed_fn"):
+        steps.check_step_args(attribute_args["attributed_fn"], dict(attribute_args.get("attributed_fn_args") or {}))
     job = JobSpec(model=model, method=method, store=str(store), method_args=dict(method_args or {}),
-                  load_args=dict(load_args or {}), attribute_args=attribute_args, storage_options=storage_options,
+                  load_args=load_args, attribute_args=attribute_args, storage_options=storage_options,
                   plan=PlanConfig(unit_size=unit_size, split_steps=split_steps), log_dir=log_dir)
     fields = Fields(text=text_field, target=target_field, contrast=contrast_field, id=id_field,
                     keep=tuple(keep_fields))
@@ -105,6 +118,15 @@ def attribute_dataset(
                           stall_timeout=stall_timeout)
     rows = Rows(data, storage_options=data_options, split=split)
     return run_job(job, rows, fields, resources, address=address, new_store=new_store, progress=show_progress)
+
+
+def _check_rereadable(data) -> None:
+    """Refuse data that can be read only once: the job reads it twice (a survey, then the dispatch)."""
+    if isinstance(data, Iterator):
+        kind = type(data).__name__
+        what = "a generator" if isinstance(data, types.GeneratorType) else f"a one-shot iterator ({kind})"
+        raise DataError(f"data is {what}, which can be read only once; the job reads the data twice (a survey, then "
+                        "the dispatch): pass a list, a file path or URL, a datasets.Dataset or a ray.data.Dataset")
 
 
 __all__ = ["DataError", "Fields", "JobStalled", "JobStopped", "PlanConfig", "Resources", "Summary",

@@ -87,18 +87,6 @@ class Survey:
                                    repr=False)
 
 
-def model_context(config) -> int | None:
-    """The most positions ``config``'s model takes (tokens per sequence; for an encoder-decoder, per side):
-    ``max_position_embeddings``, ``n_positions``, ``n_ctx`` or ``max_sequence_length``; None for a model
-    without a fixed limit (T5's relative positions)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
-        value = getattr(text, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
-
-
 @dataclass(frozen=True)
 class Sizer:
     """``sizer(record) -> Size``: an example's token counts, the generated part bounded by ``max_new_tokens``;
@@ -147,7 +135,7 @@ class Sizer:
 def sizer(tokenizer, enc_dec: bool, add_special: bool, max_new_tokens: int | None,
           max_context: int | None = None) -> Sizer:
     """``size(record)``: the example's token counts, the generated part bounded by ``max_new_tokens``; with
-    ``max_context`` (see :func:`model_context`), :func:`survey` refuses examples longer than the model's context."""
+    ``max_context`` (see :func:`distattr.models.loading.context_length`), :func:`survey` refuses examples longer than the model's context."""
     return Sizer(tokenizer, enc_dec, add_special, max_new_tokens, max_context)
 
 

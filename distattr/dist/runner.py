@@ -17,12 +17,13 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlparse
 
+from ..models.loading import context_length
 from ..store import io as store_io
 from ..store import lease as store_lease
 from ..store.layout import Schema
 from .actor import PERFORMANCE_ARGS, JobSpec, Report, Task
 from .data import Fields, Rows, records
-from .plan import Survey, checked_units, model_context, plan_units, sizer, survey
+from .plan import Survey, checked_units, plan_units, sizer, survey
 from .pool import Generate, JobStalled, JobStopped, Pool, Resources
 
 LEASE_REFRESH_S = 30.0  # seconds between two heartbeats of the store's lease
@@ -119,7 +120,7 @@ def run_job(job: JobSpec, data, fields: Fields, resources: Resources | None = No
     tokenizer, config = _tokenizer(job)
     add_special = not job.attribute_args.get("skip_special_tokens", False)
     max_new = (job.attribute_args.get("generation_args") or {}).get("max_new_tokens")
-    size = sizer(tokenizer, bool(config.is_encoder_decoder), add_special, max_new, model_context(config))
+    size = sizer(tokenizer, bool(config.is_encoder_decoder), add_special, max_new, context_length(config))
     info = survey(records(rows, fields), size, job.plan)
     say = (lambda message: _say(progress, message))
     say(f"{info.count} examples in {info.n_units} units ({info.n_split} split by steps); "
@@ -250,10 +251,15 @@ def _identity(job: JobSpec, fields: Fields, info: Survey, probe: dict) -> dict:
 
 
 def _provenance(job: JobSpec, probe: dict) -> dict:
+    """How the store was made: the model as loaded, versions, time, performance arguments and the command line with
+    its credentials redacted (see :func:`~distattr.dist.command.redact_command`); storage options, data options and
+    the environment are never written."""
     from ..api import versions
+    from .command import redact_command
 
     return {"model": probe["model"], "versions": versions(), "created": store_io.now_utc(),
-            "command": " ".join(sys.argv), "performance_args": {k: job.attribute_args.get(k) for k in PERFORMANCE_ARGS}}
+            "command": redact_command(sys.argv), "performance_args": {k: job.attribute_args.get(k)
+                                                                     for k in PERFORMANCE_ARGS}}
 
 
 def _open_or_create(job: JobSpec, schema: Schema, identity: dict, provenance: dict, new_store: bool, info: Survey):

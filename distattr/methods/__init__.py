@@ -2,7 +2,8 @@
 
 Every runner has the signature ``run(request, args) -> list[MethodOutput]``; ``args`` is the method's
 frozen argument dataclass, built from the user's keyword arguments (unknown names are an error that
-lists the valid ones).
+lists the valid ones; a value of the wrong type is an error that names the valid values, see
+:mod:`distattr.arguments`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..arguments import check_value, field_hints, parse_text
 from .base import MethodOutput, Request
 from .captum_methods import deeplift_attribution
 from .discretized_ig import DiscretizedIGArgs, cached_builder
@@ -36,26 +38,51 @@ class SaliencyArgs:
     abs: bool = True
 
 
+QUADRATURES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")  # Captum's
+RIEMANN = tuple(q for q in QUADRATURES if q.startswith("riemann_"))  # need n_steps >= 2 (Captum asserts it)
+
+
+def check_path_args(n_steps: int, method: str, internal_batch_size: int | None) -> None:
+    """The integrated-gradients family's checks: a known quadrature, enough points for it, a positive batch."""
+    if method not in QUADRATURES:
+        raise ValueError(f"Unknown integration method {method!r}; use one of {', '.join(QUADRATURES)}")
+    if method in RIEMANN and n_steps < 2:
+        raise ValueError(f"n_steps must be at least 2 for method={method} (the Riemann rules need two points; "
+                         f"gausslegendre works with 1), not {n_steps}")
+    if n_steps < 1:
+        raise ValueError(f"n_steps must be a positive integer, not {n_steps!r}")
+    if internal_batch_size is not None and internal_batch_size < 1:
+        raise ValueError(f"internal_batch_size must be a positive integer (or None: the token budget decides), "
+                         f"not {internal_batch_size!r}")
+
+
 @dataclass(frozen=True)
 class IntegratedGradientsArgs:
     """``n_steps`` path points; ``method``: Captum quadrature (``gausslegendre``, ``riemann_left``,
-    ``riemann_right``, ``riemann_middle``, ``riemann_trapezoid``); ``internal_batch_size``: most path rows
-    per batch (None: the token budget decides); ``return_convergence_delta``: completeness error per step."""
+    ``riemann_right``, ``riemann_middle``, ``riemann_trapezoid``; the Riemann rules need ``n_steps >= 2``);
+    ``internal_batch_size``: most path rows per batch (None: the token budget decides);
+    ``return_convergence_delta``: completeness error per step."""
 
     n_steps: int = 50
     method: str = "gausslegendre"
     internal_batch_size: int | None = None
     return_convergence_delta: bool = True
 
+    def __post_init__(self):
+        check_path_args(self.n_steps, self.method, self.internal_batch_size)
+
 
 @dataclass(frozen=True)
 class SequentialIntegratedGradientsArgs:
-    """``n_steps`` path points per token; ``method``: Captum quadrature; ``internal_batch_size``: most path rows
-    per batch (None: the token budget decides)."""
+    """``n_steps`` path points per token; ``method``: Captum quadrature (the Riemann rules need ``n_steps >= 2``);
+    ``internal_batch_size``: most path rows per batch (None: the token budget decides)."""
 
     n_steps: int = 50
     method: str = "gausslegendre"
     internal_batch_size: int | None = None
+
+    def __post_init__(self):
+        check_path_args(self.n_steps, self.method, self.internal_batch_size)
 
 
 @dataclass(frozen=True)
@@ -65,6 +92,12 @@ class GradientShapArgs:
     n_samples: int = 5
     stdevs: float = 0.0
     seed: int = 42
+
+    def __post_init__(self):
+        if self.n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer, not {self.n_samples!r}")
+        if self.stdevs < 0:
+            raise ValueError(f"stdevs must be >= 0, not {self.stdevs}")
 
 
 @dataclass(frozen=True)
@@ -98,8 +131,6 @@ class Method:
 def _ig_path(args: IntegratedGradientsArgs) -> Path:
     from captum.attr._utils.approximation_methods import approximation_parameters
 
-    if args.n_steps < 1:
-        raise ValueError("n_steps must be at least 1")
     try:
         step_sizes, alphas = approximation_parameters(args.method)
     except (ValueError, AssertionError) as err:
@@ -246,15 +277,35 @@ def get_method(name: str) -> Method:
         raise ValueError(f"Unknown attribution method {name!r}. Available: {', '.join(sorted(METHODS))}") from None
 
 
-def build_args(method: str, kwargs: dict) -> object:
-    """Validate ``kwargs`` against the method's argument dataclass."""
-    spec = get_method(method)
+def _check_names(method: str, spec: Method, names) -> None:
     fields = {f.name for f in dataclasses.fields(spec.args)}
-    unknown = sorted(set(kwargs) - fields)
+    unknown = sorted(set(names) - fields)
     if unknown:
         valid = ", ".join(sorted(fields)) or "none"
         raise ValueError(f"Unknown argument(s) {unknown} for method {method!r}. Valid arguments: {valid}")
+
+
+def build_args(method: str, kwargs: dict) -> object:
+    """Validate ``kwargs`` against the method's argument dataclass: known names, values of the fields' types
+    (``abs="no"`` is an error, not True; see :func:`distattr.arguments.check_value`), then the dataclass's own
+    range checks. Returns the dataclass instance."""
+    spec = get_method(method)
+    _check_names(method, spec, kwargs)
+    hints = field_hints(spec.args)
+    for name, value in kwargs.items():
+        check_value(f"{method} argument {name}", value, hints.get(name))
     return spec.args(**kwargs)
+
+
+def parse_args(method: str, texts: dict[str, str]) -> dict:
+    """Command-line ``{name: text}`` -> ``{name: value}`` read against the method's field types (``abs=no`` ->
+    False, ``n_steps=8`` -> 8, ``internal_batch_size=none`` -> None), checked as :func:`build_args` does."""
+    spec = get_method(method)
+    _check_names(method, spec, texts)
+    hints = field_hints(spec.args)
+    kwargs = {name: parse_text(f"{method} argument {name}", text, hints.get(name)) for name, text in texts.items()}
+    build_args(method, kwargs)
+    return kwargs
 
 
 def list_methods() -> list[str]:

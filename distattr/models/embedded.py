@@ -4,13 +4,21 @@ The first load converts the GGUF weights (about 20 s on a 2-core CPU) and caches
 safetensors + config folder; later loads read the cache (about 1 s). Transformers refuses
 ``save_pretrained`` on GGUF-loaded models, so the cache is written by hand: the state dict with
 safetensors, the config without its ``quantization_config``, and the tokenizer with ``save_pretrained``.
+
+Several processes may convert at once (Ray actors on one node, parallel test runs): each writes into a
+temporary folder of its own, with a unique name next to the cache folder, and renames it into place in one
+step; a process that finds the cache completed by another meanwhile uses it and deletes its own copy. So the
+cache folder is either absent or complete (it holds the file ``complete``), never half-written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 EMBEDDED_MODELS = {
@@ -44,32 +52,70 @@ def converted_dir(name: str) -> Path:
     source = gguf_path(name)
     stat = source.stat()
     folder = cache_root() / f"{name}-{stat.st_size}-{int(stat.st_mtime)}-v{_CACHE_FORMAT}"
-    if (folder / "complete").is_file():
-        return folder
     convert_gguf(source, folder)
     return folder
 
 
+def is_complete(folder: Path) -> bool:
+    """Whether ``folder`` is a finished conversion (it holds the ``complete`` marker, written last)."""
+    return (folder / "complete").is_file()
+
+
 def convert_gguf(source: Path, folder: Path) -> None:
-    """Convert a GGUF file to a safetensors model folder (written atomically: ``complete`` marks it done)."""
+    """Convert a GGUF file to a safetensors model folder, atomically: written into a unique temporary folder
+    next to ``folder``, then renamed into place. If another process completes ``folder`` first, its folder is kept
+    and ours deleted; an incomplete ``folder`` (left by an older distattr) is replaced."""
+    if is_complete(folder):
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        write_converted(source, tmp)
+        (tmp / "complete").write_text(str(source))
+        _install(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _install(tmp: Path, folder: Path, attempts: int = 5) -> None:
+    """Rename the finished ``tmp`` to ``folder``. ``rename`` replaces nothing but an empty folder, so when
+    ``folder`` exists: complete (another process won) it is used as it is; incomplete it is moved aside under a
+    unique name, deleted, and the rename tried again."""
+    for _ in range(attempts):
+        try:
+            os.rename(tmp, folder)
+            return
+        except OSError:
+            if is_complete(folder):
+                return
+            if not folder.exists():
+                continue  # moved aside by another process between our rename and the check: try again
+            aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".stale", dir=folder.parent))
+            with contextlib.suppress(OSError):  # another process may have moved it meanwhile
+                os.rename(folder, aside / "old")
+            if is_complete(aside / "old"):  # another process's finished folder landed in between: put it back
+                with contextlib.suppress(OSError):
+                    os.rename(aside / "old", folder)
+            shutil.rmtree(aside, ignore_errors=True)
+    if not is_complete(folder):
+        raise OSError(f"could not place the converted model at {folder}; delete that folder and load again")
+
+
+def write_converted(source: Path, folder: Path) -> None:
+    """Write the converted model of GGUF file ``source`` into the existing, empty ``folder``: weights as
+    safetensors, config, tokenizer (the slow part of :func:`convert_gguf`, about 20 s for the embedded model)."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
     model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["architectures"] = [type(model).__name__]
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / "complete").write_text(str(source))
-    if folder.exists():  # another process finished first
-        return
-    tmp.rename(folder)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(str(folder))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,15 +16,59 @@ from . import embedded
 from .quantization import describe_quantization, guard_4bit_gradients, quantization_config, quiet_int8_casts
 
 
+@dataclass
+class ObjectState:
+    """What :func:`load` changes on a model object (and tokenizer object) passed in, as it was before, so that
+    :meth:`restore` can put it back: each module's ``training`` flag (``eval()``), each parameter's
+    ``requires_grad`` (``requires_grad_(False)``), the tokenizer's pad token and ``config.pad_token_id`` (filled
+    from EOS when unset), and the CPU repacking switch of bitsandbytes 4-bit layers."""
+
+    training: list[tuple[torch.nn.Module, bool]]
+    requires_grad: list[tuple[torch.nn.Parameter, bool]]
+    tokenizer: Any
+    pad_token: Any
+    config_pad_token_id: Any
+    cpu_repacking: list[tuple[torch.nn.Module, Any]]
+    released: bool = False
+
+    @classmethod
+    def capture(cls, model: torch.nn.Module, tokenizer: Any) -> ObjectState:
+        return cls(
+            training=[(m, m.training) for m in model.modules()],
+            requires_grad=[(p, p.requires_grad) for p in model.parameters()],
+            tokenizer=tokenizer, pad_token=getattr(tokenizer, "pad_token", None),
+            config_pad_token_id=getattr(model.config, "pad_token_id", None),
+            cpu_repacking=[(m, m.support_avx512bf16_for_cpu) for m in model.modules()
+                           if hasattr(m, "support_avx512bf16_for_cpu")],
+        )
+
+    def restore(self, model: torch.nn.Module) -> None:
+        """Put back what :func:`load` changed (once; later calls do nothing)."""
+        if self.released:
+            return
+        for module, training in self.training:
+            module.training = training
+        for param, flag in self.requires_grad:
+            param.requires_grad_(flag)
+        for module, flag in self.cpu_repacking:
+            module.support_avx512bf16_for_cpu = flag
+        if self.tokenizer is not None and getattr(self.tokenizer, "pad_token", None) != self.pad_token:
+            self.tokenizer.pad_token = self.pad_token
+        model.config.pad_token_id = self.config_pad_token_id
+        self.released = True
+
+
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model ready for attribution: parameters frozen, eval mode."""
+    """A model ready for attribution: parameters frozen, eval mode. ``given`` holds the state of a model object
+    passed in by the user, as it was (see :class:`ObjectState`); None when distattr loaded the model."""
 
     model: torch.nn.Module
     tokenizer: Any
     name: str
     revision: str | None = None
     source: dict = field(default_factory=dict)
+    given: ObjectState | None = field(default=None, repr=False, compare=False)
 
 
 def _quiet_transformers() -> None:
@@ -177,12 +222,24 @@ def _gguf_cache(path: Path) -> Path:
     stat = path.stat()
     key = hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     folder = embedded.cache_root() / f"gguf-{path.stem}-{key}"
-    if not (folder / "complete").is_file():
+    if not embedded.is_complete(folder):
         try:
             embedded.convert_gguf(path, folder)
         except Exception as err:  # the GGUF reader raises many kinds of errors on a corrupt file
             raise ValueError(f"Could not read GGUF file {path}: {type(err).__name__}: {err}") from err
     return folder
+
+
+def context_length(config) -> int | None:
+    """The most positions ``config``'s model takes (tokens per sequence; for an encoder-decoder, per side):
+    ``max_position_embeddings``, ``n_positions``, ``n_ctx`` or ``max_sequence_length`` of its text config; None for
+    a model without a fixed limit (T5's relative positions)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def resolve_folder(spec: str) -> tuple[str, str]:
@@ -232,13 +289,19 @@ def load(
             as ``0``, ``"cuda:1"``, ``"cpu"``, ``"disk"``; validated first (see :func:`check_device_map`).
         max_memory: ``{device: size}`` for the placement, e.g. ``{0: "20GiB", "cpu": "60GiB"}`` (implies
             ``device_map="auto"`` when no map is given).
-        quantization: ``"nf4"``, ``"int8"`` or a ``BitsAndBytesConfig`` (see :mod:`.quantization`); needs
-            bitsandbytes (``pip install 'distattr[quant]'``).
+        quantization: ``"nf4"``, ``"int8"`` or a ``BitsAndBytesConfig`` (see :mod:`.quantization`), also in its
+            JSON form ``{"bitsandbytes": config.to_dict()}`` (see :func:`portable_load_args`); needs bitsandbytes
+            (``pip install 'distattr[quant]'``).
+
+    A model object passed in is changed in place (see :class:`ObjectState`, which records how it was):
+    ``eval()``, ``requires_grad_(False)``, the tokenizer's pad token and ``config.pad_token_id`` filled from EOS
+    when unset, bitsandbytes 4-bit layers' CPU repacking switched off, and moved to ``device`` when given.
     """
     from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
     from .petals import is_petals_spec, load_remote
 
+    quantization = quantization_from_json(quantization)
     if is_petals_spec(model):  # "petals://...": the decoder blocks run in a Petals swarm (models/petals.py)
         return load_remote(model, tokenizer, dtype=dtype, device=device, model_kwargs=model_kwargs,
                            tokenizer_kwargs=tokenizer_kwargs, device_map=device_map, max_memory=max_memory,
@@ -277,6 +340,7 @@ def load(
 
     if isinstance(tokenizer, str):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer, **(tokenizer_kwargs or {}))
+    given = ObjectState.capture(hf_model, tokenizer) if source["kind"] == "object" else None
     if device is not None and device_map is None and getattr(hf_model, "hf_device_map", None) is None \
             and quantization is None:
         hf_model = hf_model.to(device)
@@ -286,7 +350,7 @@ def load(
     if getattr(hf_model, "is_loaded_in_8bit", False):
         quiet_int8_casts()
     _fill_special_tokens(hf_model, tokenizer)
-    return LoadedModel(model=hf_model, tokenizer=tokenizer, name=name, revision=revision, source=source)
+    return LoadedModel(model=hf_model, tokenizer=tokenizer, name=name, revision=revision, source=source, given=given)
 
 
 def _fill_special_tokens(model, tokenizer) -> None:
@@ -327,3 +391,76 @@ def _placement_info(model) -> dict:
     if device_map is not None:
         info["device_map"] = {k: v if isinstance(v, int) else str(v) for k, v in device_map.items()}
     return info
+
+
+# ---------------------------------------------------------------- load arguments as JSON
+
+BITSANDBYTES_KEY = "bitsandbytes"
+"""``quantization={"bitsandbytes": BitsAndBytesConfig.to_dict()}`` is the JSON form of a ``BitsAndBytesConfig``."""
+
+_HINTS = {
+    "dtype": 'a dtype name such as "bfloat16"',
+    "quantization": '"nf4", "int8" or a transformers.BitsAndBytesConfig',
+    "device": 'a device name such as "cuda:0"',
+}
+
+
+def quantization_from_json(spec: Any) -> Any:
+    """The ``BitsAndBytesConfig`` of the JSON form ``{"bitsandbytes": {...}}``; anything else as it is."""
+    if isinstance(spec, dict) and set(spec) == {BITSANDBYTES_KEY}:
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig.from_dict(dict(spec[BITSANDBYTES_KEY]))
+    return spec
+
+
+def _quantization_to_json(config: Any, where: str) -> dict:
+    doc = {BITSANDBYTES_KEY: config.to_dict()}
+    if quantization_from_json(json.loads(json.dumps(doc))).to_dict() != doc[BITSANDBYTES_KEY]:
+        raise ValueError(f"{where}: this BitsAndBytesConfig does not read back the same from its to_dict(); pass a "
+                         'preset name ("nf4" or "int8") instead')
+    return doc
+
+
+def portable_load_args(load_args: dict) -> dict:
+    """``load_args`` (:func:`load` keywords) in a JSON form that :func:`load` reads with the same meaning, for a
+    dataset job, whose store records them as JSON and whose actors receive them.
+
+    A ``torch.dtype`` becomes its name (``torch.bfloat16`` -> ``"bfloat16"``), a ``torch.device`` its string, a
+    tuple a list, and a ``BitsAndBytesConfig`` given as ``quantization`` becomes ``{"bitsandbytes":
+    config.to_dict()}``. Anything else that is not a string, finite number, bool, None, list or dict (with string
+    or int keys) raises ``ValueError`` naming the argument and what to pass instead.
+    """
+    from transformers import BitsAndBytesConfig
+
+    def convert(value: Any, where: str, key: str) -> Any:
+        if value is None or isinstance(value, str | bool | int):
+            return value
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise ValueError(f"{where} is {value}, which JSON cannot hold; pass a finite number")
+            return value
+        if isinstance(value, torch.dtype):
+            return str(value).removeprefix("torch.")
+        if isinstance(value, torch.device):
+            return str(value)
+        if isinstance(value, BitsAndBytesConfig):
+            if where != "load_args['quantization']":
+                raise ValueError(f"{where} is a BitsAndBytesConfig; pass it as load_args['quantization'] instead")
+            return _quantization_to_json(value, where)
+        if isinstance(value, list | tuple):
+            return [convert(v, f"{where}[{i}]", key) for i, v in enumerate(value)]
+        if isinstance(value, dict):
+            out = {}
+            for k, v in value.items():
+                if not isinstance(k, str | int) or isinstance(k, bool):
+                    raise ValueError(f"{where} has the key {k!r}; JSON keys are strings (or ints)")
+                out[k] = convert(v, f"{where}[{k!r}]", key)
+            return out
+        hint = _HINTS.get(key, "a string, number, bool, None, or a list or dict of these")
+        raise ValueError(f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which the store's job "
+                         f"identity (JSON) cannot hold; pass {hint} instead")
+
+    if not isinstance(load_args, dict):
+        raise ValueError(f"load_args must be a dict of load_model keywords, not {type(load_args).__name__}")
+    return {k: convert(v, f"load_args[{k!r}]", k) for k, v in load_args.items()}

@@ -6,11 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-LOAD_ARGS = ("dtype", "revision", "quantization", "model_kwargs", "tokenizer_kwargs")
-
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``stats`` on the ``distattr`` subcommand parser."""
+    from ..cli import add_model_arguments
+
     p = sub.add_parser(
         "stats", help="dataset-wide statistics of a store: summaries, reductions, correlations, faithfulness",
         description="Statistics over a distattr Zarr store, computed out of core with dask. Without any of "
@@ -43,9 +43,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="per-example summary column to correlate (default: share_source); repeatable")
     p.add_argument("--faithfulness", action="store_true",
                    help="comprehensiveness, sufficiency and AOPC on the model (forwards; use --limit)")
-    p.add_argument("--model", "-m", help="model for --faithfulness (default: the store's model)")
+    p.add_argument("--model", "-m",
+                   help="model for --faithfulness (default: the store's model by name; the load options stored with "
+                        "it are never used: a store cannot make this command run code)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="model weights dtype")
     p.add_argument("--device", help="where to run the model, e.g. cpu, cuda")
+    add_model_arguments(p)  # --quantization, --device-map, ...: the model's options are the user's, as --model
     p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.2, 0.5], metavar="F",
                    help="fractions of context tokens removed / kept (default: 0.1 0.2 0.5)")
     p.add_argument("--mode", choices=("replace", "delete"), default="replace",
@@ -178,17 +181,18 @@ def _correlations(args, summaries):
 
 
 def _faithfulness(args, store, where, select) -> dict:
+    """Comprehensiveness and sufficiency of the store's rankings on the model that ``--model`` and the model options
+    name. The store only gives a default model name: load arguments stored in its identity (``trust_remote_code``,
+    revisions, ``model_kwargs``, quantization configs) could run someone else's code, so they are never read."""
     from ..api import load_model
+    from ..cli import model_options
     from .faithfulness import faithfulness
 
-    name = args.model or store.identity.get("model")
-    if not name or name == "synthetic":
-        raise ValueError("the store names no loadable model; give --model")
-    load_args = {k: v for k, v in (store.identity.get("load_args") or {}).items() if k in LOAD_ARGS}
-    if args.dtype:
-        load_args["dtype"] = args.dtype
-    _say(args, f"Loading {name} ...")
-    model = load_model(name, device=args.device, **load_args)
+    options = {k: v for k, v in model_options(args).items() if v is not None}
+    name = args.model or _store_model(store)
+    _say(args, f"Loading {name} ..." if args.model else
+         f"Loading {name} (the store's model, by name only: its stored load options are not used) ...")
+    model = load_model(name, **options)
     rankings = {args.rank: args.rank} | ({} if args.no_random_baseline else {"random": "random"})
     out = {}
     for label, rank in rankings.items():
@@ -201,6 +205,20 @@ def _faithfulness(args, store, where, select) -> dict:
         _write_csv(args, f"faithfulness-{rank}-steps.csv", result.steps)
         _write_csv(args, f"faithfulness-{rank}-examples.csv", result.examples)
     return out
+
+
+def _store_model(store) -> str:
+    """The store's model name as the default of ``--model``: a plain name or path, never a Petals spec (whose query
+    can name a program to run and peers to reach)."""
+    from ..models.petals import is_petals_spec
+
+    name = store.identity.get("model")
+    if not isinstance(name, str) or not name or name == "synthetic":
+        raise ValueError("the store names no loadable model; give --model")
+    if is_petals_spec(name):
+        raise ValueError(f"the store's model {name!r} is a Petals spec, which can name programs to run: give it with "
+                         "--model if you trust it")
+    return name
 
 
 def _progress(every_s: float = 10.0):

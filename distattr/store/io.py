@@ -434,8 +434,13 @@ def save_outputs(url: str, outputs, *, ids=None, metas=None, unit_size: int = 16
     method) as a complete store, without Ray: e.g. a case study's results, or synthetic data for statistics.
 
     ``ids`` / ``metas``: one id string / metadata dict per example (default: positions, the output's
-    ``info``). The identity defaults to the first output's method description."""
+    ``info``). The identity defaults to the first output's method description. ``overwrite`` replaces only a
+    distattr store: anything else at ``url`` (a file, a folder, another Zarr group) raises :class:`StoreError`
+    and is left as it is."""
     from ..results import AttributionOutput
+
+    if overwrite:
+        _check_replaceable(url, storage_options)
 
     outputs = [outputs] if isinstance(outputs, AttributionOutput) else list(outputs)
     seqs = [seq for out in outputs for seq in out.sequences]
@@ -473,6 +478,16 @@ def save_outputs(url: str, outputs, *, ids=None, metas=None, unit_size: int = 16
         write_part(group, schema, unit, 0, 1, results)
     group.attrs.update({"status": "complete"})
     return group
+
+
+def _check_replaceable(url: str, storage_options: dict | None = None) -> None:
+    """Before replacing what is at ``url``: nothing, or a distattr store (of any status, even one interrupted while
+    being created); :class:`StoreError` for anything else, so that other data is never deleted."""
+    if exists(url, storage_options):
+        try:
+            read_header(url, storage_options)
+        except StoreError as err:
+            raise StoreError(f"overwrite=True replaces only a distattr store; left {url} as it is: {err}") from None
 
 
 def _info_meta(info: dict, j: int) -> dict:
