@@ -20,7 +20,7 @@ import zarr
 
 from distattr.results import SequenceAttribution
 from distattr.stats import chunks, summaries
-from distattr.store import StorageFatal, StoreBusy, faults, lease, open_store
+from distattr.store import StorageFatal, StoreBusy, StoreError, faults, lease, open_store
 from distattr.store import io as store_io
 from distattr.store.faults import RetryCount
 from distattr.store.io import SlotFailure, SlotResult
@@ -533,3 +533,17 @@ def test_full_disk_is_fatal_with_one_clear_line(small_disk):
     assert "\n" not in message and message.startswith("the store's disk is full (No space left on device) at ")
     assert url in message and message.endswith("free space, then rerun the same command to resume")
     assert 0 < unit < 63
+
+
+def test_create_with_overwrite_replaces_only_a_distattr_store(tmp_path):
+    schema = make_schema(n_units=1)
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(StoreError, match="overwrite=True replaces only a distattr store"):
+        store_io.create(str(other), schema, {"n_examples": 1}, {}, overwrite=True)
+    assert (other / "keep.txt").read_text() == "mine"
+    url = str(tmp_path / "store.zarr")
+    new_store(url, schema, 2, [1])
+    store_io.create(url, schema, {"n_examples": 2, "again": True}, {}, overwrite=True)
+    assert store_io.read_header(url)["identity"]["again"] is True

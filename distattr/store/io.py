@@ -69,14 +69,17 @@ def create(url: str, schema: Schema, identity: dict, provenance: dict, storage_o
 
     ``unit_parts``: ``[n_units]`` the number of parts of each unit (1 .. ``schema.max_parts``), from the driver's
     survey; a unit is complete once that many parts are marked done. None means one part per unit (a store
-    written in whole units, e.g. by :func:`save_outputs`). With ``overwrite`` everything at ``url`` is replaced,
-    a ``lease.json`` included (check :func:`~distattr.store.lease.check_free` first)."""
+    written in whole units, e.g. by :func:`save_outputs`). With ``overwrite`` a distattr store at ``url`` is replaced
+    whole, a ``lease.json`` included (check :func:`~distattr.store.lease.check_free` first); anything else there
+    raises :class:`StoreError` and is left as it is."""
     from zarr.codecs import ZstdCodec
 
     parts = np.ones(schema.n_units, np.int16) if unit_parts is None else np.asarray(unit_parts)
     if parts.shape != (schema.n_units,) or not ((parts >= 1) & (parts <= schema.max_parts)).all():
         raise ValueError(f"unit_parts must hold one count in 1..{schema.max_parts} per unit ({schema.n_units} "
                          f"units), got shape {parts.shape} with range {parts.min(initial=0)}..{parts.max(initial=0)}")
+    if overwrite:  # every replace path (--new-store, save_outputs, synthetic stores) deletes only a distattr store
+        _check_replaceable(url, storage_options)
     group = open_group(url, "w" if overwrite else "w-", storage_options)
     # the header first: a store interrupted while being created is still recognised (and replaceable)
     group.attrs.update({"format": FORMAT, "version": VERSION, "status": "creating", "identity": identity,
@@ -435,12 +438,9 @@ def save_outputs(url: str, outputs, *, ids=None, metas=None, unit_size: int = 16
 
     ``ids`` / ``metas``: one id string / metadata dict per example (default: positions, the output's
     ``info``). The identity defaults to the first output's method description. ``overwrite`` replaces only a
-    distattr store: anything else at ``url`` (a file, a folder, another Zarr group) raises :class:`StoreError`
-    and is left as it is."""
+    distattr store (:func:`create` checks): anything else at ``url`` (a file, a folder, another Zarr group) raises
+    :class:`StoreError` and is left as it is."""
     from ..results import AttributionOutput
-
-    if overwrite:
-        _check_replaceable(url, storage_options)
 
     outputs = [outputs] if isinstance(outputs, AttributionOutput) else list(outputs)
     seqs = [seq for out in outputs for seq in out.sequences]
