@@ -111,12 +111,18 @@ def test_unit_without_its_done_marker_is_absent_for_every_reader(crashed):
     np.testing.assert_array_equal(store[3].sequences[0].target_attributions, make_seq(3).target_attributions)
 
 
-def test_split_unit_counts_only_when_all_its_parts_are_done(tmp_path):
+def split_store(url: str):
+    """A store of two units: unit 0 (one part) written whole, unit 1 (two parts) with only part 0 written."""
     schema = make_schema(n_units=2, unit_size=1)
-    url = str(tmp_path / "split.zarr")
     group = new_store(url, schema, 2, [1, 2])
     write_unit(group, schema, 0, [0])
     store_io.write_part(group, schema, 1, 0, 2, [make_result(0, 1, steps=4, columns=(0, 2))])
+    return schema, group
+
+
+def test_split_unit_counts_only_when_all_its_parts_are_done(tmp_path):
+    url = str(tmp_path / "split.zarr")
+    schema, group = split_store(url)
     assert store_io.done_cells(group, schema) == {(0, 0), (1, 0)}
     assert store_io.done_units(group, schema).tolist() == [True, False]
     store = open_store(url)
@@ -172,11 +178,8 @@ def test_failed_examples_are_listed_and_raise_with_their_message(tmp_path):
 
 
 def test_failed_later_part_fails_the_split_example(tmp_path):
-    schema = make_schema(n_units=2, unit_size=1)
     url = str(tmp_path / "part-failed.zarr")
-    group = new_store(url, schema, 2, [1, 2])
-    write_unit(group, schema, 0, [0])
-    store_io.write_part(group, schema, 1, 0, 2, [make_result(0, 1, steps=4, columns=(0, 2))])
+    schema, group = split_store(url)
     store_io.write_part_failure(group, schema, 1, 1, "gradient was NaN\nat step 3")
     assert store_io.done_units(group, schema).tolist() == [True, True]
     assert store_io.failures(group, schema) == [(1, "ex-1", "gradient was NaN at step 3")]
