@@ -4,7 +4,6 @@ model's context, a disk that fills up, and an S3 server that throttles."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from multinode import done_count
 from raycluster import ray_env
 from test_dist import assert_same, prompts, reference, slots_used, write_jsonl
 
@@ -30,11 +30,6 @@ def gpt2(tiny_dir):
 
 def cli(ray_head, *args: str) -> list[str]:
     return [sys.executable, "-m", "distattr", "attribute-dataset", *args, "--address", ray_head.address]
-
-
-def done_count(store: str) -> int:
-    folder = Path(store) / "done" / "c"
-    return sum(len(files) for _, _, files in os.walk(folder)) if folder.is_dir() else 0
 
 
 def start_until(cmd: list[str], ready, limit: float = 300) -> subprocess.Popen:
