@@ -1,7 +1,7 @@
 """Dataset-wide statistics over a large synthetic store: wall time and peak RSS of each statistic.
 
 For each size in ``--examples`` (default 10,000 and 100,000) a synthetic decoder-only store is written
-(``distattr.stats.synthetic``: prompts of 8-64 tokens, 32 generated steps, units of 16, float32 matrices
+(``distattr.statistics.synthetic``: prompts of 8-64 tokens, 32 generated steps, units of 16, float32 matrices
 ``[example, 96 tokens, 32 steps]``), then each statistic runs in a fresh child process that reports its wall time
 and its peak RSS (``ru_maxrss``), next to the RSS of the same process after its imports (``base``). Comparing the
 two sizes shows whether memory grows with the dataset.
@@ -57,7 +57,7 @@ def child(name: str, store_url: str, work: Path, workers: int | None) -> dict:
     import pandas as pd
     import scipy.stats  # noqa: F401
 
-    from distattr.stats import correlation, reductions, report, summaries
+    from distattr.statistics import correlation, reductions, report, summaries
     from distattr.store import open_store
 
     base = _rss_mib()
@@ -111,7 +111,7 @@ def write_store(path: Path, n: int) -> dict:
     """Write the synthetic store and the labels CSV (its examples' hidden focus) next to it."""
     import pandas as pd
 
-    from distattr.stats.synthetic import write_synthetic_store
+    from distattr.statistics.synthetic import write_synthetic_store
 
     shutil.rmtree(path, ignore_errors=True)
     started = time.perf_counter()

@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from .aggregate import Normalize, Reduce, Rescale, Slice, Spans, Words, pair_difference  # noqa: E402
 from .api import AttributionModel, load_model  # noqa: E402
-from .dist import attribute_dataset  # noqa: E402
+from .jobs import attribute_dataset  # noqa: E402
 from .methods import list_methods  # noqa: E402
 from .results import AttributionOutput, SequenceAttribution, load  # noqa: E402
 from .steps import StepContext, list_step_functions, register_step_function  # noqa: E402

@@ -34,7 +34,7 @@ def no_loading(monkeypatch):
         raise AssertionError("the bad input reached the model load")
 
     monkeypatch.setattr(importlib.import_module("distattr.api"), "load_model", refuse)
-    monkeypatch.setattr(importlib.import_module("distattr.dist"), "attribute_dataset", refuse)
+    monkeypatch.setattr(importlib.import_module("distattr.jobs"), "attribute_dataset", refuse)
 
 
 def one_error_line(capsys) -> str:
@@ -342,7 +342,7 @@ def test_storage_failures_are_runtime_failures(monkeypatch, capsys):
 
 
 def test_a_stopped_dataset_job_is_a_runtime_failure(monkeypatch, capsys):
-    from distattr.dist import JobStopped
+    from distattr.jobs import JobStopped
 
     monkeypatch.setattr(cli, "cmd_methods", lambda args: (_ for _ in ()).throw(JobStopped("no actor can be placed")))
     assert main(["methods"]) == 1
@@ -351,11 +351,11 @@ def test_a_stopped_dataset_job_is_a_runtime_failure(monkeypatch, capsys):
 
 @pytest.mark.parametrize(("module", "name", "argv"), [
     ("distattr.cli", "cmd_attribute", ["attribute", "x"]),
-    ("distattr.dist.command", "cmd_attribute_dataset", ["attribute-dataset", "--data", "d", "--store", "s"]),
+    ("distattr.cli.dataset", "cmd_attribute_dataset", ["attribute-dataset", "--data", "d", "--store", "s"]),
     ("distattr.cli", "cmd_plan", ["plan", "--model", "m", "--devices", "1x80GiB"]),
-    ("distattr.stats.stats_command", "cmd_stats", ["stats", "store"]),
-    ("distattr.stats.command", "cmd_cat", ["case-study", "cat", "--output", "o"]),
-    ("distattr.stats.command", "cmd_gender_bias", ["case-study", "gender-bias", "--output", "o"]),
+    ("distattr.cli.stats", "cmd_stats", ["stats", "store"]),
+    ("distattr.cli.casestudy", "cmd_cat", ["case-study", "cat", "--output", "o"]),
+    ("distattr.cli.casestudy", "cmd_gender_bias", ["case-study", "gender-bias", "--output", "o"]),
     ("distattr.cli", "cmd_methods", ["methods"]),
     ("distattr.cli", "cmd_step_functions", ["step-functions"]),
 ])

@@ -1,4 +1,4 @@
-"""The case studies (distattr.stats): fact selection, the CAT map, Kendall tau tables, files and the CLI.
+"""The case studies (distattr.casestudies): fact selection, the CAT map, Kendall tau tables, files and the CLI.
 
 Plumbing on tiny random models; one slow test per study on the embedded model."""
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import distattr
+from distattr.casestudies import cat, gender_bias
+from distattr.casestudies.tokens import char_span_tokens
 from distattr.cli import main
-from distattr.stats import cat, gender_bias
-from distattr.stats.tokens import char_span_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,8 +17,8 @@ import pytest
 from raycluster import VENV_BIN, actor_pids, free_port, ray_env
 
 import distattr
-from distattr.dist.data import DataError
 from distattr.engine import AttributeConfig, generate_targets
+from distattr.jobs.data import DataError
 from distattr.store import StoreError, open_store
 
 WORDS = ("the", "cat", "is", "in", "the", "house", "and", "the", "dog", "was", "on", "a", "big", "red", "tower",
@@ -277,7 +277,7 @@ def test_store_path_that_is_not_a_store_is_left_alone(tmp_path):
 
 
 def test_unreadable_and_missing_files(tmp_path):
-    from distattr.dist.data import Fields, Rows, records
+    from distattr.jobs.data import Fields, Rows, records
 
     with pytest.raises(DataError, match="not found"):
         Rows(tmp_path / "nope.jsonl")
@@ -295,7 +295,7 @@ def test_every_input_format_gives_the_same_records(tmp_path):
     import datasets
     import pandas as pd
 
-    from distattr.dist.data import Fields, Rows, records
+    from distattr.jobs.data import Fields, Rows, records
 
     rows = [{"prompt": r["prompt"], "uid": r["uid"], "topic": i % 3} for i, r in enumerate(prompts(7))]
     frame = pd.DataFrame(rows)

@@ -1,4 +1,4 @@
-"""The actor pool of dataset jobs (distattr/dist/pool.py) on the session's real Ray cluster, with stand-in
+"""The actor pool of dataset jobs (distattr/jobs/pool.py) on the session's real Ray cluster, with stand-in
 replicas whose faults the tests choose: actors that fail at once, die, or cannot be placed; tasks that hit a full
 store. The model-level paths (the replica's own retries) are tested on a real Attributor without Ray."""
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from distattr.dist.actor import JobSpec, ReplicaError, Report, Task
-from distattr.dist.plan import Unit
-from distattr.dist.pool import RETIRE_AFTER, JobStalled, JobStopped, Pool, Resources
+from distattr.jobs.actor import JobSpec, ReplicaError, Report, Task
+from distattr.jobs.plan import Unit
+from distattr.jobs.pool import RETIRE_AFTER, JobStalled, JobStopped, Pool, Resources
 
 JOB = JobSpec(model="stand-in", method="saliency", store="unused")
 
@@ -124,7 +124,7 @@ def test_an_unreachable_actor_is_killed_and_confirmed_dead(ray_head, tmp_path):
     import ray
     from ray.exceptions import ActorDiedError
 
-    from distattr.dist.pool import Replica
+    from distattr.jobs.pool import Replica
 
     pool = Pool(JOB, Resources(actors=1), say=lambda m: None, actor_class=replica_class(str(tmp_path), {}))
     try:
@@ -146,7 +146,7 @@ def test_an_unreachable_actor_is_killed_and_confirmed_dead(ray_head, tmp_path):
 def test_a_model_client_that_stops_answering_is_rebuilt_then_given_up(tiny_dir, tmp_path, monkeypatch):
     import torch
 
-    from distattr.dist import actor as actor_module
+    from distattr.jobs import actor as actor_module
     from distattr.models.petals import PetalsUnavailable
 
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # an actor sets its process's threads: not ours

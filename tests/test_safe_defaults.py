@@ -18,10 +18,10 @@ import pytest
 import torch
 
 import distattr
-import distattr.dist
-import distattr.dist.runner
+import distattr.jobs
+import distattr.jobs.runner
 from distattr.aggregate import InseqPair, Slice, Spans, Words, named_aggregation
-from distattr.dist import DataError
+from distattr.jobs import DataError
 from distattr.models import embedded
 from distattr.models.loading import portable_load_args, quantization_from_json
 from distattr.results import AttributionOutput, SequenceAttribution
@@ -36,8 +36,8 @@ def no_job(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the job started: the check must come first")
 
-    monkeypatch.setattr(distattr.dist, "run_job", fail)
-    monkeypatch.setattr(distattr.dist.runner, "connect", fail)
+    monkeypatch.setattr(distattr.jobs, "run_job", fail)
+    monkeypatch.setattr(distattr.jobs.runner, "connect", fail)
 
 
 # --------------------------------------------------------------------------------------------- one-shot data
@@ -102,7 +102,7 @@ def test_attribute_dataset_refuses_bad_load_args_before_the_job(no_job, tmp_path
 
 def test_attribute_dataset_passes_the_json_form_to_the_job(monkeypatch, tmp_path):
     seen = {}
-    monkeypatch.setattr(distattr.dist, "run_job", lambda job, *a, **k: seen.setdefault("job", job))
+    monkeypatch.setattr(distattr.jobs, "run_job", lambda job, *a, **k: seen.setdefault("job", job))
     distattr.attribute_dataset("smollm2-135m", ROWS, str(tmp_path / "s.zarr"), max_new_tokens=2,
                                load_args={"dtype": torch.bfloat16})
     assert seen["job"].load_args == {"dtype": "bfloat16"}

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from distattr.cli import UsageError, main
-from distattr.dist.command import fsspec_options, redact_command, secret_name
+from distattr.cli.common import fsspec_options
+from distattr.redaction import redact_command, secret_name
 from distattr.store import StoreError, open_store, save_outputs
 
 # ---------------------------------------------------------------- the redacted command line
@@ -76,12 +77,12 @@ def test_a_missing_env_variable_is_one_line_and_exit_2(monkeypatch, tmp_path, ca
                                                    (LookupError, 1, "internal error: LookupError: ")])
 def test_an_error_that_quotes_an_option_does_not_print_the_secret(monkeypatch, tmp_path, capsys, error, status,
                                                                   prefix):
-    import distattr.dist
+    import distattr.jobs
 
     def fail(*args, storage_options=None, **kwargs):
         raise error(f"cannot connect with options {storage_options}")
 
-    monkeypatch.setattr(distattr.dist, "attribute_dataset", fail)
+    monkeypatch.setattr(distattr.jobs, "attribute_dataset", fail)
     monkeypatch.setenv("DISTATTR_TEST_TOKEN", "tok-from-env-9876")
     code = main(["attribute-dataset", "--data", str(tmp_path / "d.jsonl"), "--store", "s3://b/s.zarr",
                  "--max-new-tokens", "2", "--storage-option", "secret=very-secret-value",

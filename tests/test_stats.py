@@ -1,4 +1,4 @@
-"""Dataset-wide statistics over stores (distattr/stats: summaries, reductions, correlation, faithfulness, report).
+"""Dataset-wide statistics over stores (distattr/statistics: summaries, reductions, correlation, faithfulness, report).
 
 Known answers come from plain per-example numpy loops over ``store[i]`` (an independent read path), scipy on the
 joined data, and the model itself for faithfulness."""
@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import distattr
-from distattr.stats import chunks, correlation, reductions, summaries
-from distattr.stats.faithfulness import faithfulness
-from distattr.stats.synthetic import TOPICS, write_synthetic_store
+from distattr.statistics import chunks, correlation, reductions, summaries
+from distattr.statistics.faithfulness import faithfulness
+from distattr.statistics.synthetic import TOPICS, write_synthetic_store
 from distattr.store import open_store, save_outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -507,7 +507,7 @@ def test_faithfulness_encoder_decoder(stores):
 
 
 def test_report_is_self_contained(stores, tmp_path):
-    from distattr.stats import report
+    from distattr.statistics import report
 
     store = stores["attention"]
     table = summaries.summarize(store)

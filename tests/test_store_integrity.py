@@ -19,7 +19,7 @@ import pytest
 import zarr
 
 from distattr.results import SequenceAttribution
-from distattr.stats import chunks, summaries
+from distattr.statistics import chunks, summaries
 from distattr.store import StorageFatal, StoreBusy, StoreError, faults, lease, open_store
 from distattr.store import io as store_io
 from distattr.store.faults import RetryCount
@@ -229,7 +229,7 @@ def test_stored_targets_are_complete_once_n_target_is_set(tmp_path, monkeypatch)
 
 
 def test_save_outputs_and_synthetic_stores_are_complete(tmp_path):
-    from distattr.stats.synthetic import write_synthetic_store
+    from distattr.statistics.synthetic import write_synthetic_store
 
     syn = write_synthetic_store(str(tmp_path / "syn.zarr"), 40, unit_size=8, steps=4, prompt=(2, 5))
     store = open_store(syn.url)

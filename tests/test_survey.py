@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from distattr.dist.data import DataError, Fields, Record, Rows, record_digest, records
-from distattr.dist.plan import PlanConfig, Size, checked_units, plan_units, sizer, survey
+from distattr.jobs.data import DataError, Fields, Record, Rows, record_digest, records
+from distattr.jobs.plan import PlanConfig, Size, checked_units, plan_units, sizer, survey
 from distattr.models.identity import model_identity
 from distattr.models.loading import context_length as model_context
 

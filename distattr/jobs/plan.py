@@ -135,7 +135,8 @@ class Sizer:
 def sizer(tokenizer, enc_dec: bool, add_special: bool, max_new_tokens: int | None,
           max_context: int | None = None) -> Sizer:
     """``size(record)``: the example's token counts, the generated part bounded by ``max_new_tokens``; with
-    ``max_context`` (see :func:`distattr.models.loading.context_length`), :func:`survey` refuses examples longer than the model's context."""
+    ``max_context`` (see :func:`distattr.models.loading.context_length`), :func:`survey` refuses examples longer
+    than the model's context."""
     return Sizer(tokenizer, enc_dec, add_special, max_new_tokens, max_context)
 
 

@@ -1,7 +1,7 @@
 """The driver of a dataset job: survey the data, create (or resume) the store, run the units on Ray actors.
 
 Reading top to bottom: :func:`run_job` surveys the data (validation, fingerprint, bounds, per-unit digests),
-connects to Ray, asks the actors' :class:`~distattr.dist.pool.Pool` for a live replica to probe the store's
+connects to Ray, asks the actors' :class:`~distattr.jobs.pool.Pool` for a live replica to probe the store's
 shape, creates or checks the store and takes its lease, then streams units through the pool (the driver never
 holds results: actors write them; every dispatched unit is checked against the survey first) and marks the
 store complete when every unit is done. What happens when actors or nodes are lost is the pool's business.
@@ -252,10 +252,10 @@ def _identity(job: JobSpec, fields: Fields, info: Survey, probe: dict) -> dict:
 
 def _provenance(job: JobSpec, probe: dict) -> dict:
     """How the store was made: the model as loaded, versions, time, performance arguments and the command line with
-    its credentials redacted (see :func:`~distattr.dist.command.redact_command`); storage options, data options and
+    its credentials redacted (see :func:`~distattr.cli.dataset.redact_command`); storage options, data options and
     the environment are never written."""
     from ..api import versions
-    from .command import redact_command
+    from ..redaction import redact_command
 
     return {"model": probe["model"], "versions": versions(), "created": store_io.now_utc(),
             "command": redact_command(sys.argv), "performance_args": {k: job.attribute_args.get(k)

@@ -4,28 +4,22 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import re
 import sys
-from collections.abc import Iterable, Sequence
 
-REDACTED = "***"
-ENV_PREFIX = "env:"  # --storage-option secret=env:NAME reads $NAME in the driver
-# the flags whose values are fsspec options: KEY=VALUE pairs that may hold credentials
-OPTION_FLAGS = ("--storage-option", "--data-option")
-_SECRET_ENDINGS = ("key", "secret", "token", "password", "passwd", "pwd", "credential", "credentials", "auth", "sas",
-                   "sig", "signature")
-_SECRET_PARTS = ("secret", "passw", "credential")
-_NOT_SECRET = frozenset({"token-budget", "token_budget"})  # distattr's own numbers, not credentials
-_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*:)[^/\s@]+@")
-_URL_QUERY = re.compile(r"([?&]([^=&#\s]+)=)([^&#\s]*)")
+from ..redaction import scrub, secret_values
+from .common import (
+    UsageError,
+    add_attribution_arguments,
+    add_model_arguments,
+    attribution_options,
+    classify_error,
+    fsspec_options,
+    model_options,
+)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``attribute-dataset`` on the ``distattr`` subcommand parser."""
-    from ..cli import add_attribution_arguments, add_model_arguments
-
     p = sub.add_parser(
         "attribute-dataset", help="attribute a whole dataset on Ray actors into a Zarr store",
         description="Attribute every example of a dataset on Ray actors (a local Ray on 127.0.0.1, the cluster of "
@@ -80,8 +74,7 @@ def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_attribute_dataset(args) -> int:
-    from ..cli import UsageError, attribution_options, classify_error, model_options
-    from . import JobStopped, attribute_dataset
+    from ..jobs import JobStopped, attribute_dataset
 
     options = attribution_options(args)
     method_args = options.pop("method_args")
@@ -118,124 +111,3 @@ def cmd_attribute_dataset(args) -> int:
     if not args.quiet:
         print(scrub("\n".join(summary.lines()), hidden, one_line=False), file=sys.stderr)
     return 0 if summary.complete else 1
-
-
-# ---------------------------------------------------------------- secrets: never printed, never stored
-
-
-def fsspec_options(items: list[str] | None, flag: str) -> dict | None:
-    """``--storage-option`` / ``--data-option`` pairs as fsspec options, None when there are none. A value
-    ``env:NAME`` is the environment variable ``NAME`` of this process (a string, as it is), so that a secret need
-    not be on the command line (which ``ray job submit`` echoes and the store's provenance records, redacted).
-
-    Raises :class:`~distattr.cli.UsageError` (one line, exit status 2) when the variable is not set."""
-    from ..cli import UsageError, parse_pairs
-
-    options = parse_pairs(items, flag)
-    for key, value in options.items():
-        if isinstance(value, str) and value.startswith(ENV_PREFIX):
-            name = value[len(ENV_PREFIX):]
-            if not name:
-                raise UsageError(f"{flag} {key}={value}: give the name of an environment variable after {ENV_PREFIX}")
-            if name not in os.environ:
-                raise UsageError(f"{flag} {key}={value}: the environment variable {name} is not set")
-            options[key] = os.environ[name]
-    return options or None
-
-
-def secret_name(name: str) -> bool:
-    """Whether an option key or flag looks like it holds a credential: one of its words (split at anything but
-    letters and digits) ends with key, secret, token, password, passwd, pwd, credential(s), auth, sas, sig or
-    signature (``key``, ``access_key``, ``session_token``, ``sas_token``, ``hf_token``, ``apikey``), or it contains
-    secret, passw or credential anywhere (``aws_secret_access_key``). ``--token-budget`` is distattr's own."""
-    name = name.strip().lstrip("-").lower()
-    if name in _NOT_SECRET:
-        return False
-    words = [w for w in re.split(r"[^a-z0-9]+", name) if w]
-    return any(part in name for part in _SECRET_PARTS) or any(w.endswith(_SECRET_ENDINGS) for w in words)
-
-
-def secret_values(items: list[str] | None, options: dict | None) -> set[str]:
-    """The strings of ``options`` that must never be printed: values of keys that look secret (also inside nested
-    dicts such as ``client_kwargs``) and every value read from the environment (``items``: the raw pairs)."""
-    from_env = {item.partition("=")[0].strip() for item in items or [] if item.partition("=")[2].startswith(ENV_PREFIX)}
-    out: set[str] = set()
-
-    def walk(value, secret: bool) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(v, secret or secret_name(str(k)))
-        elif isinstance(value, list | tuple):
-            for v in value:
-                walk(v, secret)
-        elif secret and isinstance(value, str | int) and not isinstance(value, bool) and len(str(value)) >= 4:
-            out.add(str(value))
-
-    for key, value in (options or {}).items():
-        walk(value, secret_name(key) or key in from_env)
-    return out
-
-
-def scrub(text: str, hidden: Iterable[str], *, one_line: bool = True) -> str:
-    """``text`` with every string of ``hidden`` replaced by ``***`` (and folded to one line unless ``one_line``
-    is false)."""
-    for value in sorted(hidden, key=len, reverse=True):
-        text = text.replace(value, REDACTED)
-    return " ".join(text.split()) if one_line else text
-
-
-def redact_command(argv: Sequence[str]) -> str:
-    """``argv`` as one shell-quoted line without credentials, for the store's provenance: the value of a flag that
-    looks secret (``--hf-token X``, ``--password=X``), of ``KEY=VALUE`` pairs whose key does (``--storage-option
-    secret=X``, ``--data-option=token=X``, ``--model-kwarg api_key=X``, a JSON value with such a key), passwords in
-    URLs (``ftp://user:X@host``) and secret-looking URL query parameters (``?sig=X``) become ``***``; ``env:NAME``
-    references stay (they hold no secret)."""
-    import shlex
-
-    out: list[str] = []
-    hide_next = False
-    for arg in argv:
-        if hide_next and not arg.startswith("-"):  # the value of --hf-token X
-            out.append(arg if arg.startswith(ENV_PREFIX) else REDACTED)
-        elif arg.startswith("--") and "=" in arg:
-            flag, _, value = arg.partition("=")
-            secret = secret_name(flag) and not value.startswith(ENV_PREFIX)
-            out.append(f"{flag}={REDACTED if secret else _redact_value(value)}")
-        else:
-            out.append(_redact_value(arg))
-        hide_next = arg.startswith("--") and "=" not in arg and secret_name(arg)
-    # shell-quoted where needed, but a redaction alone does not call for quotes: --storage-option secret=***
-    return " ".join(arg if shlex.quote(arg.replace(REDACTED, "x")) == arg.replace(REDACTED, "x") else shlex.quote(arg)
-                    for arg in out)
-
-
-def _redact_value(value: str) -> str:
-    """One argument: a ``KEY=VALUE`` pair (the key a name), or anything else that may hold a URL."""
-    key, sep, rest = value.partition("=")
-    if sep and re.fullmatch(r"[A-Za-z_][\w.-]*", key):
-        if rest.startswith(ENV_PREFIX):
-            return value
-        if secret_name(key) or (rest[:1] in "{[" and rest and _holds_secret_key(rest)):
-            return f"{key}={REDACTED}"
-        return f"{key}={_redact_url(rest)}"
-    return _redact_url(value)
-
-
-def _holds_secret_key(text: str) -> bool:
-    """Whether a JSON (or JSON-like) value has a key that looks secret."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return any(secret_name(word) for word in re.findall(r"[A-Za-z_][\w-]*", text))
-
-    def walk(item) -> bool:
-        if isinstance(item, dict):
-            return any(secret_name(str(k)) or walk(v) for k, v in item.items())
-        return isinstance(item, list) and any(walk(v) for v in item)
-
-    return walk(value)
-
-
-def _redact_url(text: str) -> str:
-    text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}{REDACTED}@", text)
-    return _URL_QUERY.sub(lambda m: f"{m.group(1)}{REDACTED}" if secret_name(m.group(2)) else m.group(0), text)

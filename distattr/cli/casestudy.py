@@ -9,11 +9,11 @@ from pathlib import Path
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``case-study`` (with ``cat`` and ``gender-bias``) on the ``distattr`` subcommand parser."""
-    from ..cli import _Parser
+    from .common import Parser
 
     case = sub.add_parser("case-study", help="the Inseq paper's case studies: cat, gender-bias",
                           description="Reproduce a case study of the Inseq paper (Sarti et al. 2023).")
-    studies = case.add_subparsers(dest="study", metavar="STUDY", parser_class=_Parser)
+    studies = case.add_subparsers(dest="study", metavar="STUDY", parser_class=Parser)
     case.set_defaults(func=lambda args: _no_study(case))
 
     cat = studies.add_parser(
@@ -75,7 +75,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _no_study(parser: argparse.ArgumentParser) -> int:
-    from ..cli import USAGE_ERROR
+    from .common import USAGE_ERROR
 
     parser.print_help(sys.stderr)
     return USAGE_ERROR
@@ -83,13 +83,13 @@ def _no_study(parser: argparse.ArgumentParser) -> int:
 
 def _checked(args) -> Path:
     """Validate the shared options before any model loads; returns the output folder."""
-    from ..cli import UsageError, _device
+    from .common import UsageError, device_option
 
     for name in ("batch_size", "token_budget", "limit", "n_steps", "max_new_tokens"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    _device(args.device)
+    device_option(args.device)
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output: {args.output} is a file; give a folder")
@@ -109,7 +109,7 @@ def _say(args, message: str) -> None:
 
 
 def cmd_cat(args) -> int:
-    from . import cat
+    from ..casestudies import cat
 
     out = _checked(args)
     facts = cat.load_facts(args.facts)  # a bad file fails before the model loads
@@ -124,8 +124,8 @@ def cmd_cat(args) -> int:
 
 
 def cmd_gender_bias(args) -> int:
+    from ..casestudies import gender_bias
     from ..methods import build_args
-    from . import gender_bias
 
     out = _checked(args)
     method_args = {"integrated_gradients": {"n_steps": args.n_steps}}

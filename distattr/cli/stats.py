@@ -9,7 +9,7 @@ from pathlib import Path
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``stats`` on the ``distattr`` subcommand parser."""
-    from ..cli import add_model_arguments
+    from .common import add_model_arguments
 
     p = sub.add_parser(
         "stats", help="dataset-wide statistics of a store: summaries, reductions, correlations, faithfulness",
@@ -70,7 +70,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def _reductions(args) -> list[tuple[tuple[str, ...], str]]:
-    from ..cli import UsageError
+    from .common import UsageError
 
     out = []
     for item in args.by:
@@ -88,7 +88,7 @@ def _say(args, message: str) -> None:
 
 
 def _check(args) -> None:
-    from ..cli import UsageError
+    from .common import UsageError
 
     for name in ("top_k", "bins", "batch_size", "token_budget", "limit", "workers"):
         value = getattr(args, name)
@@ -108,12 +108,12 @@ def _check(args) -> None:
 
 
 def cmd_stats(args) -> int:
-    from ..cli import parse_pairs
+    from ..statistics import report as report_mod
+    from ..statistics.chunks import check_select, parse_where
+    from ..statistics.reductions import check_reduction, reduce_store
+    from ..statistics.summaries import summarize, write_table
     from ..store import open_store
-    from . import report as report_mod
-    from .chunks import check_select, parse_where
-    from .reductions import check_reduction, reduce_store
-    from .summaries import summarize, write_table
+    from .common import parse_pairs
 
     _check(args)
     where = parse_where(args.where)
@@ -164,7 +164,7 @@ def _overview(summaries):
 
 
 def _correlations(args, summaries):
-    from .correlation import correlate, correlation_table, join_labels, read_labels
+    from ..statistics.correlation import correlate, correlation_table, join_labels, read_labels
 
     joined = summaries
     if args.labels:
@@ -185,8 +185,8 @@ def _faithfulness(args, store, where, select) -> dict:
     name. The store only gives a default model name: load arguments stored in its identity (``trust_remote_code``,
     revisions, ``model_kwargs``, quantization configs) could run someone else's code, so they are never read."""
     from ..api import load_model
-    from ..cli import model_options
-    from .faithfulness import faithfulness
+    from ..statistics.faithfulness import faithfulness
+    from .common import model_options
 
     options = {k: v for k, v in model_options(args).items() if v is not None}
     name = args.model or _store_model(store)
@@ -236,8 +236,8 @@ def _progress(every_s: float = 10.0):
 
 
 def _outputs(args, store, results) -> None:
-    from . import report as report_mod
-    from .plots import png_bytes, save_png
+    from ..statistics import report as report_mod
+    from ..statistics.plots import png_bytes, save_png
 
     if not (args.plots or args.report):
         return

@@ -423,7 +423,7 @@ def _with_step_scores(output: AttributionOutput, checks: Sequence[FactCheck]) ->
         "contrast_prob_diff": np.array([c.p_true - c.p_false], dtype=np.float32)})
         for seq, c in zip(output, checks, strict=True))
     info = {**output.info, "step_scores": ["probability", "contrast_prob", "contrast_prob_diff"],
-            "step_scores_source": "distattr.stats.cat.check_facts (teacher-forced forward)"}
+            "step_scores_source": "distattr.casestudies.cat.check_facts (teacher-forced forward)"}
     return AttributionOutput(sequences=sequences, info=info)
 
 

@@ -13,7 +13,7 @@ model is still loading) or *live* (its ``ready()`` call answered). Only live rep
   ``ping()`` while it loads its model, however long that takes) for ``stall_timeout`` seconds, the job stops
   with :class:`JobStalled`, one line saying what could not be placed and why;
 * a replica whose tasks keep failing (three in a row), or whose model client broke for good
-  (:class:`~distattr.dist.actor.ReplicaError`), is retired: killed, replaced, its tasks requeued. A storage
+  (:class:`~distattr.jobs.actor.ReplicaError`), is retired: killed, replaced, its tasks requeued. A storage
   error that retrying cannot fix (:class:`~distattr.store.faults.StorageFatal`) stops the job at once.
 
 The store is the truth about what is done, so a stopped job is resumed by running it again.
