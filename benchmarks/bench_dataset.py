@@ -333,7 +333,7 @@ def main(argv=None) -> int:
         print("warning: not isolated in a network namespace (run as root on Linux); Ray may bind the machine's "
               "address", file=sys.stderr)
     doc = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes")}
+           "date": dt.datetime.now(dt.UTC).isoformat(timespec="minutes")}
     work = Path(tempfile.mkdtemp(prefix="bench-dataset-"))
     try:
         if "store" in args.parts:

@@ -93,7 +93,7 @@ def main() -> None:
     import ray
     import torch
 
-    record = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes"),
+    record = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="minutes"),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU",
               "versions": {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
                            "distattr": distattr.__version__},

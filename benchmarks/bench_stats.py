@@ -182,7 +182,7 @@ def main(argv=None) -> int:
         return 0
     root = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-stats-"))
     doc = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes"),
+           "date": dt.datetime.now(dt.UTC).isoformat(timespec="minutes"),
            "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg()), "statistics": args.statistics,
            "workers": args.workers, "sizes": []}
     try:

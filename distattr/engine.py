@@ -12,50 +12,44 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from . import alignment
-from . import methods as method_registry
 from .methods.base import Example, MethodOutput, Picks, Request
 from .models.adapters import Adapter, dropout_rerun, id_rows, input_device
 from .models.loading import LoadedModel, context_length
 from .models.memory import default_token_budget
 from .models.quantization import guard_4bit_gradients
 from .models.small_batch import small_batch_linears
+from .options import AttributeOptions, CheckedOptions
 from .results import AttributionOutput, SequenceAttribution
-from .steps import Contrast, StepContext, check_step_args, get_step_function
+from .steps import Contrast, StepContext, StepFunction
 
 
 @dataclass(frozen=True)
-class AttributeConfig:
-    """Options of one ``attribute`` call (see :meth:`distattr.api.AttributionModel.attribute`)."""
+class Inputs:
+    """What one ``attribute`` call explains: the input texts, the targets to attribute instead of generating
+    (None: generate), and the contrastive targets and sources of ``contrast_*`` step functions (one per input)."""
 
-    method: str
-    method_args: dict = field(default_factory=dict)
-    attributed_fn: str = "probability"
-    attributed_fn_args: dict = field(default_factory=dict)
-    step_scores: tuple[str, ...] = ()
-    step_scores_args: dict = field(default_factory=dict)
-    generation_args: dict = field(default_factory=dict)
-    attribute_target: bool = False
-    attr_pos_start: int | None = None
-    attr_pos_end: int | None = None
-    skip_special_tokens: bool = False
-    include_eos_baseline: bool = False
+    texts: tuple[str, ...]
+    generated_texts: tuple | None = None
     contrast_targets: tuple[str, ...] | None = None
     contrast_sources: tuple[str, ...] | None = None
-    contrast_targets_alignments: tuple | str | None = None
-    contrast_alignment_model: str | alignment.Embedder | None = None  # "auto": see alignment.get_embedder
-    contrast_force_inputs: bool = False
-    hidden_reduction: str = "vnorm"
-    token_budget: int | None = None  # None: distattr.models.memory.default_token_budget
-    steps_per_row: int | None = None
-    batch_size: int = 16
+
+    @classmethod
+    def of(cls, texts, generated_texts=None, contrast_targets=None, contrast_sources=None) -> Inputs:
+        return cls(texts=tuple(_as_list(texts, "input text")), generated_texts=_sequence(generated_texts),
+                   contrast_targets=_sequence(contrast_targets), contrast_sources=_sequence(contrast_sources))
+
+
+def _sequence(value) -> tuple | None:
+    if value is None:
+        return None
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 @dataclass(frozen=True)
@@ -110,7 +104,7 @@ def _eos_id(model, tokenizer) -> int | None:
     return eos if eos is not None else tokenizer.eos_token_id
 
 
-def _unk_id(tokenizer) -> int:
+def unk_id(tokenizer) -> int:
     for candidate in (tokenizer.unk_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id):
         if candidate is not None:
             return int(candidate)
@@ -125,52 +119,6 @@ def _baseline(ids: torch.Tensor, unk: int, eos: int | None, keep_eos: bool, keep
     if keep_first:
         base[0] = ids[0]
     return base
-
-
-# model.generate arguments with an obvious valid range: name -> (type, test, what the test asks for)
-GENERATION_CHECKS: dict[str, tuple[type, Callable[[float], bool], str]] = {
-    "max_new_tokens": (int, lambda v: v >= 1, "at least 1"),
-    "min_new_tokens": (int, lambda v: v >= 0, "at least 0"),
-    "max_length": (int, lambda v: v >= 1, "at least 1"),
-    "min_length": (int, lambda v: v >= 0, "at least 0"),
-    "num_beams": (int, lambda v: v >= 1, "at least 1"),
-    "num_beam_groups": (int, lambda v: v >= 1, "at least 1"),
-    "num_return_sequences": (int, lambda v: v == 1, "1 (one generation is attributed per input)"),
-    "top_k": (int, lambda v: v >= 0, "at least 0"),
-    "no_repeat_ngram_size": (int, lambda v: v >= 0, "at least 0"),
-    "temperature": (float, lambda v: v > 0, "greater than 0"),
-    "top_p": (float, lambda v: 0 < v <= 1, "in (0, 1]"),
-    "typical_p": (float, lambda v: 0 < v <= 1, "in (0, 1]"),
-    "min_p": (float, lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "repetition_penalty": (float, lambda v: v > 0, "greater than 0"),
-    "length_penalty": (float, lambda v: True, "a number"),
-    "do_sample": (bool, lambda v: True, "true or false"),
-}
-
-
-def check_generation_args(args: dict) -> dict:
-    """Refuse ``generation_args`` that cannot work before anything is loaded or generated: the numbers of
-    :data:`GENERATION_CHECKS` must have their type and range (``max_new_tokens >= 1``, ``num_beams >= 1``,
-    ``temperature > 0``...). Other names go to ``model.generate`` unchecked. Returns ``args``."""
-    if not isinstance(args, dict):
-        raise TypeError(f"generation_args must be a dict, not {type(args).__name__}")
-    for name, value in args.items():
-        if name not in GENERATION_CHECKS:
-            continue
-        kind, test, wanted = GENERATION_CHECKS[name]
-        if not _is_kind(value, kind) or not test(value):
-            what = "true or false" if kind is bool else f"{'an integer' if kind is int else 'a number'} {wanted}"
-            raise ValueError(f"generation argument {name} must be {what}, not {value!r}")
-    return args
-
-
-def _is_kind(value: object, kind: type) -> bool:
-    """``value`` is a bool for ``bool``, an int (not a bool) for ``int``, a finite int or float for ``float``."""
-    if kind is bool or isinstance(value, bool):
-        return kind is bool and isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int)
-    return isinstance(value, int | float) and math.isfinite(value)
 
 
 def _generate(loaded: LoadedModel, sources: list[list[int]], args: dict, batch_size: int) -> list[list[int]]:
@@ -238,38 +186,39 @@ def _aligned(t: int, pairs: list | None) -> int:
     return t
 
 
-def prepare(loaded: LoadedModel, texts, generated_texts, cfg: AttributeConfig) -> Prepared:
+def prepare(loaded: LoadedModel, inputs: Inputs, call: CheckedOptions) -> Prepared:
     model, tokenizer = loaded.model, loaded.tokenizer
     enc_dec = bool(model.config.is_encoder_decoder)
     device = input_device(model)
+    cfg = call.options
     add_special = not cfg.skip_special_tokens
-    sources = _as_list(texts, "input text")
+    sources = list(inputs.texts)
     n = len(sources)
     source_ids = [encode_text(tokenizer, s, add_special) for s in sources]
     limit = context_length(model.config)
 
-    if generated_texts is not None:
-        targets, target_ids = _given_targets(loaded, sources, source_ids, generated_texts, add_special)
+    if inputs.generated_texts is not None:
+        targets, target_ids = _given_targets(loaded, sources, source_ids, inputs.generated_texts, add_special)
     else:
         for s, ids in zip(sources, source_ids, strict=True):
             if limit is not None and len(ids) >= limit:
                 raise ValueError(f"Input of {len(ids)} tokens does not fit the model's context of {limit}: {s[:60]!r}")
         targets, target_ids = _generated_targets(loaded, source_ids, cfg)
 
-    contrast_t = cfg.contrast_targets
+    contrast_t, contrast_s = inputs.contrast_targets, inputs.contrast_sources
     if contrast_t is not None and len(contrast_t) != n:
         raise ValueError(f"{len(contrast_t)} contrast targets for {n} inputs: give one per input")
-    if cfg.contrast_sources is not None:
+    if contrast_s is not None:
         if not enc_dec:
             raise ValueError("contrast_sources are for encoder-decoder models; use contrast_targets with the "
                              "contrastive prompt included for decoder-only models")
-        if len(cfg.contrast_sources) != n:
-            raise ValueError(f"{len(cfg.contrast_sources)} contrast sources for {n} inputs")
+        if len(contrast_s) != n:
+            raise ValueError(f"{len(contrast_s)} contrast sources for {n} inputs")
     alignments = _per_example_alignments(cfg.contrast_targets_alignments, n)
 
-    unk, eos = _unk_id(tokenizer), _eos_id(model, tokenizer)
+    unk, eos = unk_id(tokenizer), _eos_id(model, tokenizer)
     keep_eos = not cfg.include_eos_baseline
-    attributed = get_step_function(cfg.attributed_fn)
+    attributed = call.attributed
     examples, contrast_info = [], []
     for i in range(n):
         tgt = torch.tensor(target_ids[i], dtype=torch.long, device=device)
@@ -287,8 +236,9 @@ def prepare(loaded: LoadedModel, texts, generated_texts, cfg: AttributeConfig) -
             src_base = _baseline(src, unk, eos, keep_eos, keep_first=False)
         info = None
         contrast_ids = None
-        if contrast_t is not None or cfg.contrast_sources is not None:
-            info = _contrast_for(loaded, i, target_ids[i], source_ids[i], cfg, alignments[i], start, end, add_special)
+        if contrast_t is not None or contrast_s is not None:
+            info = _contrast_for(loaded, i, target_ids[i], source_ids[i], inputs, cfg, alignments[i], start, end,
+                                 add_special)
             if attributed.contrastive:
                 contrast_ids = info["step_targets"]
         elif attributed.contrastive:
@@ -329,7 +279,7 @@ def _given_targets(loaded: LoadedModel, sources: list[str], source_ids: list[lis
 
 
 def _generated_targets(loaded: LoadedModel, source_ids: list[list[int]],
-                       cfg: AttributeConfig) -> tuple[list[str], list[list[int]]]:
+                       cfg: AttributeOptions) -> tuple[list[str], list[list[int]]]:
     """Greedy (or ``generation_args``) continuations: the target texts and full target-id sequences."""
     model, tokenizer = loaded.model, loaded.tokenizer
     enc_dec = bool(model.config.is_encoder_decoder)
@@ -346,7 +296,7 @@ def _generated_targets(loaded: LoadedModel, source_ids: list[list[int]],
     return [tokenizer.decode(t, skip_special_tokens=True) for t in target_ids], target_ids
 
 
-def generate_targets(loaded: LoadedModel, texts: Sequence[str], cfg: AttributeConfig) -> list[list[int]]:
+def generate_targets(loaded: LoadedModel, texts: Sequence[str], cfg: AttributeOptions) -> list[list[int]]:
     """The target-id sequences :func:`attribute` would generate for ``texts`` (to attribute them later in
     pieces, e.g. one long example's steps on several workers)."""
     add_special = not cfg.skip_special_tokens
@@ -379,22 +329,22 @@ def _alignment_method(name: str) -> str:
     return name
 
 
-def _contrast_for(loaded: LoadedModel, i: int, target_ids: list[int], source_ids: list[int], cfg: AttributeConfig,
-                  pairs: list | None, start: int, end: int, add_special: bool) -> dict:
+def _contrast_for(loaded: LoadedModel, i: int, target_ids: list[int], source_ids: list[int], inputs: Inputs,
+                  cfg: AttributeOptions, pairs: list | None, start: int, end: int, add_special: bool) -> dict:
     """Contrast ids for example ``i``: the contrastive decoder sequence, its source, and per step the aligned
     position and target token."""
     model, tokenizer = loaded.model, loaded.tokenizer
     enc_dec = bool(model.config.is_encoder_decoder)
     device = input_device(model)
-    if cfg.contrast_targets is not None:
-        text = cfg.contrast_targets[i]
+    if inputs.contrast_targets is not None:
+        text = inputs.contrast_targets[i]
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"Contrast target #{i} is empty")
         c_ids = ([_decoder_start(model), *encode_text(tokenizer, text, add_special, as_target=True)] if enc_dec
                  else encode_text(tokenizer, text, add_special))
     else:
         c_ids = list(target_ids)
-    c_src = (encode_text(tokenizer, cfg.contrast_sources[i], add_special) if cfg.contrast_sources is not None
+    c_src = (encode_text(tokenizer, inputs.contrast_sources[i], add_special) if inputs.contrast_sources is not None
              else source_ids)
     if isinstance(pairs, str):  # "auto": one pair per target position, by embedding similarity
         pairs = alignment.auto_align(model, tokenizer, target_ids, c_ids, cfg.contrast_alignment_model)
@@ -421,12 +371,11 @@ def _contrast_for(loaded: LoadedModel, i: int, target_ids: list[int], source_ids
 # ---------------------------------------------------------------- 2. step scores
 
 
-def score_steps(adapter: Adapter, prepared: Prepared, names: Sequence[str], args: dict,
+def score_steps(adapter: Adapter, prepared: Prepared, fns: dict[str, StepFunction], args: dict,
                 token_budget: int) -> list[dict[str, torch.Tensor]]:
     """Step scores ``{name: [n_steps]}`` per example, from batched full-sequence forwards."""
-    if not names:
+    if not fns:
         return [{} for _ in prepared.examples]
-    fns = {name: get_step_function(name) for name in names}
     needs_contrast = any(f.contrastive for f in fns.values())
     results: list[dict[str, torch.Tensor]] = [{} for _ in prepared.examples]
     order = sorted(range(len(prepared.examples)), key=lambda i: -len(prepared.examples[i].target_ids))
@@ -492,9 +441,9 @@ def _with_contrast_logits(adapter: Adapter, prepared: Prepared) -> Prepared:
 # ---------------------------------------------------------------- 3. method
 
 
-def target_function(cfg: AttributeConfig):
+def target_function(call: CheckedOptions):
     """The attributed function as the methods call it: ``f(logits, targets, contrast_ids, rerun) -> [K]``."""
-    step = get_step_function(cfg.attributed_fn)
+    cfg, step = call.options, call.attributed
     kwargs = dict(cfg.attributed_fn_args)
     if cfg.attributed_fn == "kl_divergence":
         kwargs["contrast_force_inputs"] = cfg.contrast_force_inputs
@@ -511,17 +460,16 @@ def target_function(cfg: AttributeConfig):
     return fn
 
 
-def run_method(adapter: Adapter, prepared: Prepared, cfg: AttributeConfig, on_progress=None,
+def run_method(adapter: Adapter, prepared: Prepared, call: CheckedOptions, on_progress=None,
                special_ids: frozenset[int] = frozenset()) -> list[MethodOutput]:
-    spec = method_registry.get_method(cfg.method)
-    args = method_registry.build_args(cfg.method, cfg.method_args)
+    cfg = call.options
     request = Request(
-        adapter=adapter, examples=prepared.examples, target_fn=target_function(cfg),
+        adapter=adapter, examples=prepared.examples, target_fn=target_function(call),
         attribute_target=cfg.attribute_target or not adapter.is_encoder_decoder,
         hidden_reduction=cfg.hidden_reduction, token_budget=cfg.token_budget, steps_per_row=cfg.steps_per_row,
         on_progress=on_progress, special_ids=special_ids,
     )
-    return spec.run(request, args)
+    return call.method.run(request, call.method_args)
 
 
 # ---------------------------------------------------------------- 4. results
@@ -556,58 +504,41 @@ def _alignment_info(prepared: Prepared) -> list[list[list[int]] | None] | None:
             for ex, c in zip(prepared.examples, prepared.contrast, strict=True)]
 
 
-def attribute(loaded: LoadedModel, adapter: Adapter, texts, generated_texts, cfg: AttributeConfig,
+def attribute(loaded: LoadedModel, adapter: Adapter, inputs: Inputs, options: AttributeOptions | CheckedOptions,
               progress=None) -> AttributionOutput:
-    """Run the whole pipeline; ``progress(total_steps)`` returns an ``on_progress(steps, tokens)`` callback."""
-    method_registry.build_args(cfg.method, cfg.method_args)  # fail fast on bad arguments
-    for name in cfg.step_scores:
-        get_step_function(name)
-    check_step_args(cfg.attributed_fn, cfg.attributed_fn_args)
-    for name, kwargs in cfg.step_scores_args.items():
-        check_step_args(name, kwargs)
-    check_generation_args(cfg.generation_args)
+    """Run the whole pipeline; ``progress(total_steps)`` returns an ``on_progress(steps, tokens)`` callback.
+    ``options`` are checked here unless they come checked."""
+    call = options if isinstance(options, CheckedOptions) else options.check()
     guard_4bit_gradients(loaded.model)  # bitsandbytes must not repack 4-bit weights in no-grad forwards
-    if cfg.token_budget is None:
-        cfg = dataclasses.replace(cfg, token_budget=default_token_budget(loaded.model))
-    elif cfg.token_budget < 1:
-        raise ValueError(f"token_budget must be at least 1, not {cfg.token_budget}")
-    if cfg.hidden_reduction not in ("vnorm", "sum"):
-        raise ValueError(f"hidden_reduction must be 'vnorm' or 'sum', not {cfg.hidden_reduction!r}")
+    if call.options.token_budget is None:
+        budget = default_token_budget(loaded.model)
+        call = dataclasses.replace(call, options=dataclasses.replace(call.options, token_budget=budget))
+    cfg = call.options
     started = time.perf_counter()
-    prepared = prepare(loaded, texts, generated_texts, cfg)
-    if cfg.contrast_force_inputs and get_step_function(cfg.attributed_fn).contrastive:
+    prepared = prepare(loaded, inputs, call)
+    if cfg.contrast_force_inputs and call.attributed.contrastive:
         prepared = _with_contrast_logits(adapter, prepared)
     generated_at = time.perf_counter()
-    scores = score_steps(adapter, prepared, cfg.step_scores, cfg.step_scores_args, cfg.token_budget)
+    scores = score_steps(adapter, prepared, call.step_functions, cfg.step_scores_args, cfg.token_budget)
     total_steps = sum(ex.n_steps for ex in prepared.examples)
     on_progress = progress(total_steps) if progress is not None else None
     try:
-        outputs = run_method(adapter, prepared, cfg, on_progress, frozenset(loaded.tokenizer.all_special_ids))
+        outputs = run_method(adapter, prepared, call, on_progress, frozenset(loaded.tokenizer.all_special_ids))
     finally:
         if on_progress is not None and hasattr(on_progress, "close"):
             on_progress.close()
     finished = time.perf_counter()
     sequences = assemble(loaded, prepared, outputs, scores)
     info = {
-        "input_texts": _as_list(texts, "input text"),
+        "input_texts": list(inputs.texts),
         "generated_texts": prepared.generated_texts,
-        "constrained_decoding": generated_texts is not None,
-        "generation_args": dict(cfg.generation_args),
-        "attribution_method": cfg.method,
-        "attribution_args": dict(cfg.method_args),
-        "attributed_fn": cfg.attributed_fn,
-        "attributed_fn_args": dict(cfg.attributed_fn_args),
-        "step_scores": list(cfg.step_scores),
-        "step_scores_args": dict(cfg.step_scores_args),
-        "attribute_target": cfg.attribute_target,
-        "include_eos_baseline": cfg.include_eos_baseline,
-        "hidden_reduction": cfg.hidden_reduction,
-        "contrast_targets": list(cfg.contrast_targets) if cfg.contrast_targets else None,
-        "contrast_sources": list(cfg.contrast_sources) if cfg.contrast_sources else None,
+        "constrained_decoding": inputs.generated_texts is not None,
+        **cfg.info(),
+        "contrast_targets": list(inputs.contrast_targets) if inputs.contrast_targets else None,
+        "contrast_sources": list(inputs.contrast_sources) if inputs.contrast_sources else None,
         "contrast_alignments": _alignment_info(prepared),
         "timing": {"prepare_s": generated_at - started, "attribute_s": finished - generated_at,
                    "total_s": finished - started},
         "attributed_steps": total_steps,
-        "token_budget": cfg.token_budget,
     }
     return AttributionOutput(sequences=tuple(sequences), info=info)

@@ -41,7 +41,7 @@ import logging
 import math
 import re
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,11 +49,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import methods as method_registry
 from .configs import SHIPPED_CONFIGS, config_path
 from .methods import build_args
 from .methods.base import NO_GRAD_BUDGET_FACTOR, Example
 from .methods.gradient import VJP_TOKEN_FACTOR
-from .methods.rows import Unit, choose_width, pack, plan_units
+from .methods.rows import RowModel, Unit, choose_width, pack, plan_units
 from .models.loading import context_length
 from .models.memory import activation_bytes_per_layer_token, decoder_layer_count, default_token_budget
 
@@ -322,61 +323,6 @@ def decoder_blocks(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if type(m).__name__ in classes]
 
 
-# ---------------------------------------------------------------- methods
-
-
-def _one(args, unit: Unit) -> int:
-    return 1
-
-
-def _n_steps(args, unit: Unit) -> int:
-    return args.n_steps
-
-
-def _n_samples(args, unit: Unit) -> int:
-    return args.n_samples
-
-
-def _n_steps_per_token(args, unit: Unit) -> int:
-    return args.n_steps * unit.length  # sequential IG: a path per prefix token
-
-
-def _occluded(args, unit: Unit) -> int:
-    return unit.length + 1  # the clean row and one row per token that can change an attributed step
-
-
-@dataclass(frozen=True)
-class RowModel:
-    """How a method turns an example into rows (the engine's cost table in the README).
-
-    ``points(args, unit)``: rows per unit; ``steps_per_row``: None = the engine's cost model, 1 = one step per
-    row (stacked prefixes); ``copies``: forwards per row (Captum's DeepLIFT runs input and baseline together);
-    ``whole_sequence``: forward-only rows over the whole sequence, one set per example.
-    """
-
-    backward: bool
-    points: Callable[[object, Unit], int]
-    steps_per_row: int | None = None
-    copies: int = 1
-    whole_sequence: bool = False
-
-
-ROW_MODELS: dict[str, RowModel] = {
-    "saliency": RowModel(True, _one),
-    "input_x_gradient": RowModel(True, _one),
-    "layer_gradient_x_activation": RowModel(True, _one),
-    "integrated_gradients": RowModel(True, _n_steps),
-    "layer_integrated_gradients": RowModel(True, _n_steps),
-    "discretized_integrated_gradients": RowModel(True, _n_steps),
-    "sequential_integrated_gradients": RowModel(True, _n_steps_per_token),
-    "gradient_shap": RowModel(True, _n_samples),
-    "deeplift": RowModel(True, _one, steps_per_row=1, copies=2),
-    "layer_deeplift": RowModel(True, _one, steps_per_row=1, copies=2),
-    "occlusion": RowModel(False, _occluded, whole_sequence=True),
-    "lime": RowModel(False, _n_samples, whole_sequence=True),
-}
-
-
 # ---------------------------------------------------------------- the plan
 
 
@@ -462,8 +408,8 @@ def plan(
         devices: ``"4x80GiB"``, ``"80GiB,40GiB"``, ``"cpu=64GiB"``... (see :func:`parse_devices`).
         quantization: None/``"none"``, ``"nf4"``, ``"fp4"`` (bitsandbytes 4-bit; ``double_quant`` as
             ``load_model(quantization="nf4")`` does) or ``"int8"``.
-        method: attribution method (one of :data:`ROW_MODELS`); its arguments in ``method_args`` (``n_steps``
-            is a shortcut for methods that have it).
+        method: attribution method whose registry entry has a ``cost`` (:class:`~distattr.methods.Method`); its
+            arguments in ``method_args`` (``n_steps`` is a shortcut for methods that have it).
         max_length: tokens per example, prompt + generated; ``generated``: the attributed (last) tokens.
         dtype: compute dtype of the unquantized tensors and the activations.
         examples: examples planned together (passes count all of them).
@@ -644,8 +590,14 @@ def _reserve(reserve) -> int:
 
 
 def _method(method: str, n_steps: int | None, method_args: Mapping | None):
-    if method not in ROW_MODELS:
-        raise PlanError(f"the planner does not model method {method!r}; it plans: {', '.join(sorted(ROW_MODELS))}")
+    """The method's row model (its registry entry's ``cost``) and its argument dataclass."""
+    try:
+        spec = method_registry.find_method(method)
+    except ValueError as err:  # an entry point that fails to load
+        raise PlanError(str(err)) from None
+    if spec is None or spec.cost is None:
+        planned = sorted(name for name, entry in method_registry.METHODS.items() if entry.cost is not None)
+        raise PlanError(f"the planner does not model method {method!r}; it plans: {', '.join(planned)}")
     kwargs = dict(method_args or {})
     if n_steps is not None:
         kwargs["n_steps"] = n_steps
@@ -657,7 +609,7 @@ def _method(method: str, n_steps: int | None, method_args: Mapping | None):
         value = getattr(args, field_name, None)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise PlanError(f"{field_name} must be a positive integer, not {value!r}")
-    return ROW_MODELS[method], args
+    return spec.cost, args
 
 
 def _examples(max_length: int, generated: int, count: int) -> list[Example]:

@@ -5,7 +5,8 @@ explains target token ``attr_pos_start + c``. For decoder-only models ``source_t
 ``target_tokens`` the whole sequence (prompt + generation) and ``source_attributions`` is None, as in
 Inseq. Future target tokens are NaN.
 
-The JSON file (format ``distattr.attribution``, version 1) is a public contract documented in the README. It is
+The JSON file (format ``distattr.attribution``, version 1) is a public contract documented in
+``docs/reference/json.md``. It is
 strict JSON (RFC 8259), which has no NaN or infinity, so in the ``data`` lists of arrays (attributions, step
 scores, deltas) NaN is written ``null`` and the infinities as the strings ``"Infinity"`` and ``"-Infinity"``
 (the spelling of JavaScript's ``Number()`` and Python's ``float()``); :func:`load` reads them back exactly, and
@@ -81,6 +82,8 @@ class SequenceAttribution:
         each stage (``normalize``) or dividing by the global max |value| at the end (``rescale``)."""
         if normalize and rescale:
             raise ValueError("normalize and rescale are mutually exclusive")
+        from .aggregate import normalize_columns, rescale_global
+
         reduce = _nanmean_last if fn is None else (lambda x: np.asarray(fn(x, x.ndim - 1), dtype=np.float32))
         src, tgt = self.source_attributions, self.target_attributions
         dims = list(self.dims)
@@ -136,29 +139,6 @@ class _quiet_nan_warnings:
 
     def __exit__(self, *exc):
         self._ctx.__exit__(*exc)
-
-
-def normalize_columns(src: np.ndarray | None, tgt: np.ndarray | None):
-    """Divide each column by the sum of |values| over source and target tokens together (NaN kept).
-
-    Same as Inseq's ``normalize``: ``F.normalize(p=1, dim=0)`` on the token-concatenated matrix."""
-    parts = [p for p in (src, tgt) if p is not None]
-    if not parts:
-        return src, tgt
-    both = np.concatenate(parts, axis=0).astype(np.float32)
-    nan = np.isnan(both)
-    filled = np.where(nan, 0.0, both)
-    norm = np.maximum(np.abs(filled).sum(axis=0, keepdims=True), 1e-12)
-    out = np.where(nan, np.nan, filled / norm).astype(np.float32)
-    n_src = 0 if src is None else len(src)
-    return (out[:n_src] if src is not None else None), (out[n_src:] if tgt is not None else None)
-
-
-def rescale_global(src: np.ndarray | None, tgt: np.ndarray | None):
-    """Divide by the largest |value| over both matrices."""
-    parts = [np.abs(p[~np.isnan(p)]) for p in (src, tgt) if p is not None and (~np.isnan(p)).any()]
-    peak = max((float(p.max()) for p in parts), default=0.0) or 1.0
-    return (None if src is None else src / peak), (None if tgt is None else tgt / peak)
 
 
 @dataclass(frozen=True)

@@ -220,7 +220,7 @@ STEP_FUNCTIONS: dict[str, StepFunction] = {
     "mc_dropout_prob_avg": StepFunction(mc_dropout_prob_avg, merge="prod"),
     "top_p_size": StepFunction(top_p_size, merge="sum"),
 }
-_BUILTIN = frozenset(STEP_FUNCTIONS)
+BUILTIN_STEP_FUNCTIONS = frozenset(STEP_FUNCTIONS)  # what every process has without plugins
 
 
 def register_step_function(
@@ -231,7 +231,7 @@ def register_step_function(
         raise TypeError("A step function must be callable")
     if name in STEP_FUNCTIONS and not overwrite:
         raise ValueError(f"Step function {name!r} exists; pass overwrite=True to replace it")
-    if name in _BUILTIN and overwrite:
+    if name in BUILTIN_STEP_FUNCTIONS and overwrite:
         raise ValueError(f"{name!r} is built in and cannot be replaced")
     STEP_FUNCTIONS[name] = StepFunction(fn, merge=merge, contrastive=contrastive)
 

@@ -42,9 +42,10 @@ def request(model: PlantedLM, target_ids: torch.Tensor, start: int, attributed_f
     from distattr import engine
     from distattr.methods.base import Example, Request
     from distattr.models.adapters import DecoderOnlyAdapter
+    from distattr.options import AttributeOptions
 
     example = Example(target_ids=target_ids, target_baseline=torch.full_like(target_ids, UNK), start=start,
                       end=len(target_ids))
-    cfg = engine.AttributeConfig(method="occlusion", attributed_fn=attributed_fn)
+    cfg = AttributeOptions(method="occlusion", attributed_fn=attributed_fn).check()
     return Request(adapter=DecoderOnlyAdapter.wrap(model), examples=[example], target_fn=engine.target_function(cfg),
                    attribute_target=True, token_budget=token_budget)

@@ -25,9 +25,12 @@ def free_port() -> int:
 def ray_env() -> dict:
     """Environment of Ray commands and of drivers started by tests: this venv first on PATH (``ray job submit``
     runs ``python`` from the head's PATH), no usage stats, no auth token (the cluster lives in the test's own
-    network namespace, reachable from nowhere else)."""
+    network namespace, reachable from nowhere else). The tests' folder is on PYTHONPATH, so that its helper modules
+    (``plugin_method``) import on every node, as a plugin installed on a cluster's nodes would."""
+    tests = str(Path(__file__).resolve().parent)
+    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+            "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": path}
 
 
 @dataclass(frozen=True)

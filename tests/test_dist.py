@@ -17,8 +17,9 @@ import pytest
 from raycluster import VENV_BIN, actor_pids, free_port, ray_env
 
 import distattr
-from distattr.engine import AttributeConfig, generate_targets
+from distattr.engine import generate_targets
 from distattr.jobs.data import DataError
+from distattr.options import AttributeOptions
 from distattr.store import StoreError, open_store
 
 WORDS = ("the", "cat", "is", "in", "the", "house", "and", "the", "dog", "was", "on", "a", "big", "red", "tower",
@@ -46,7 +47,7 @@ def reference(folder: str, rows: list[dict], method: str = "saliency", generatio
     texts = [r["prompt"] for r in rows]
     if generation_args is None:
         return list(model.attribute(texts, show_progress=False, **kwargs).sequences)
-    targets = generate_targets(model.loaded, texts, AttributeConfig(method=method, generation_args=generation_args))
+    targets = generate_targets(model.loaded, texts, AttributeOptions(method=method, generation_args=generation_args))
     n_src = [len(model.tokenizer(t)["input_ids"]) for t in texts]
     keep = [i for i in range(len(rows)) if len(targets[i]) > n_src[i]]
     out = model.attribute([texts[i] for i in keep], generation_args=generation_args, show_progress=False, **kwargs)

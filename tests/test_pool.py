@@ -14,18 +14,20 @@ from distattr.jobs.actor import JobSpec, ReplicaError, Report, Task
 from distattr.jobs.plan import Unit
 from distattr.jobs.pool import RETIRE_AFTER, JobStalled, JobStopped, Pool, Resources
 
-JOB = JobSpec(model="stand-in", method="saliency", store="unused")
+JOB = JobSpec(model="stand-in", store="unused")
 
 
 def replica_class(record_dir: str, behaviour: dict[int, str]):
     """A stand-in replica: ``behaviour[rank]`` is "fail" (raise at once), "replica" (raise ReplicaError) or "full"
     (raise StorageFatal); ``behaviour["any"]``: "die3" (the first replica to run unit 3 exits its process),
-    "noload" (loading the model fails), "slowload" (loading takes 25 s). Others
+    "noload" (loading the model fails), "noinit" (the constructor raises), "slowload" (loading takes 25 s). Others
     work for 0.1 s a task. Every task leaves a file ``<rank>-<unit>-<n>`` in ``record_dir``. Built in a function
     so that Ray ships it by value."""
 
     class StandIn:
         def __init__(self, job, rank, num_cpus=1.0):
+            if behaviour.get("any") == "noinit":
+                raise ModuleNotFoundError("No module named 'notebook_only'")
             self.rank, self.n = rank, 0
 
         def ping(self):
@@ -150,7 +152,7 @@ def test_a_model_client_that_stops_answering_is_rebuilt_then_given_up(tiny_dir, 
     from distattr.models.petals import PetalsUnavailable
 
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # an actor sets its process's threads: not ours
-    replica = actor_module.Attributor(JobSpec(model=tiny_dir("gpt2"), method="saliency", store="unused"), rank=0)
+    replica = actor_module.Attributor(JobSpec(model=tiny_dir("gpt2"), store="unused"), rank=0)
     loads = []
     monkeypatch.setattr(replica, "_load", lambda: loads.append(1))
     answers = iter([PetalsUnavailable("the Petals worker exited"), "ok"])
@@ -187,6 +189,13 @@ def test_actors_that_cannot_load_the_model_stop_the_job_with_its_error(ray_head,
     with pytest.raises(JobStopped, match=r"actors could not load the model \(4 tries\): OSError: model folder not "
                                          "found: /nowhere"):
         drain(tmp_path, {"any": "noload"}, max_retries=3)
+
+
+def test_actors_whose_constructor_raises_stop_the_job_too_not_a_stall(ray_head, tmp_path):
+    started = time.monotonic()
+    with pytest.raises(JobStopped, match=r"actors could not load the model \(3 tries\):.*notebook_only"):
+        drain(tmp_path, {"any": "noinit"}, max_retries=2, stall_timeout=300)
+    assert time.monotonic() - started < 120
 
 
 def test_a_slow_model_load_is_not_a_stall(ray_head, tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import distattr
-from distattr.results import normalize_columns
+from distattr.aggregate import normalize_columns
 
 PROMPT = "the cat is located in the city of"
 

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import warnings
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -243,7 +243,7 @@ def test_save_outputs_and_synthetic_stores_are_complete(tmp_path):
 def _write_lease(url: str, storage_options: dict | None = None, **fields) -> None:
     import fsspec
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     record = {"host": "elsewhere", "pid": 1, "started": now.isoformat(), "heartbeat": now.isoformat(),
               "token": "theirs", **fields}
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
@@ -285,7 +285,7 @@ def test_stale_leases_are_taken_over(tmp_path):
     import socket
 
     url = str(tmp_path / "stale.zarr")
-    old = (datetime.now(timezone.utc) - timedelta(minutes=10)).isoformat()
+    old = (datetime.now(UTC) - timedelta(minutes=10)).isoformat()
     _write_lease(url, heartbeat=old)
     lease.check_free(url)  # a stale lease does not block --new-store
     taken = lease.acquire(url, stale_after_s=120)

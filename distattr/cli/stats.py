@@ -197,9 +197,13 @@ def _faithfulness(args, store, where, select) -> dict:
     out = {}
     for label, rank in rankings.items():
         _say(args, f"Faithfulness ({rank} ranking) ...")
-        result = faithfulness(store, model, fractions=args.fractions, mode=args.mode, rank=rank, where=where,
-                              select=select, limit=args.limit, seed=args.seed, batch_size=args.batch_size,
-                              token_budget=args.token_budget, on_progress=None if args.quiet else _progress())
+        progress = _progress(f"faithfulness ({rank} ranking)", enabled=not args.quiet)
+        try:
+            result = faithfulness(store, model, fractions=args.fractions, mode=args.mode, rank=rank, where=where,
+                                  select=select, limit=args.limit, seed=args.seed, batch_size=args.batch_size,
+                                  token_budget=args.token_budget, on_progress=progress)
+        finally:
+            progress.close()
         out[f"{store.identity.get('method')} ({label})" if rank != "random" else "random"] = result
         _print(f"Faithfulness, {rank} ranking ({args.mode})", result.summary())
         _write_csv(args, f"faithfulness-{rank}-steps.csv", result.steps)
@@ -221,18 +225,13 @@ def _store_model(store) -> str:
     return name
 
 
-def _progress(every_s: float = 10.0):
-    """A callback printing ``done/total examples`` to stderr at most every ``every_s`` seconds, and at the end."""
-    import time
+def _progress(title: str, enabled: bool = True):
+    """The ``on_progress(done, total)`` callback of the statistics (examples done), shown by distattr's progress
+    display (:class:`~distattr.viz.progress.Progress`: a bar on a terminal or in a notebook, a line every 30 s in
+    a log); ``close()`` ends it."""
+    from ..viz.progress import DoneOfTotal
 
-    last = [time.monotonic()]
-
-    def report(done: int, total: int) -> None:
-        if done == total or time.monotonic() - last[0] >= every_s:
-            last[0] = time.monotonic()
-            print(f"  {done}/{total} examples", file=sys.stderr)
-
-    return report
+    return DoneOfTotal(title, "ex", enabled=enabled)
 
 
 def _outputs(args, store, results) -> None:

@@ -9,6 +9,7 @@ after that the task raises :class:`ReplicaError` and the driver retires this rep
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -18,7 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..engine import AttributeConfig, encode_text, generate_targets, resolve_positions
+from ..engine import encode_text, generate_targets, resolve_positions
+from ..options import AttributeOptions
 from ..results import SequenceAttribution
 from ..store.faults import RetryCount
 from ..store.io import (
@@ -34,8 +36,6 @@ from ..store.layout import Schema
 from .data import Record
 from .plan import PlanConfig, Unit
 
-# attribute() options that change only speed or memory, not the values (excluded from the store identity)
-PERFORMANCE_ARGS = ("token_budget", "steps_per_row", "batch_size")
 REBUILDS = 2  # new model clients (e.g. Petals client processes) an actor tries before it gives up
 
 
@@ -48,15 +48,19 @@ class JobSpec:
     """What every actor needs: how to load the model, how to attribute, and where the store is."""
 
     model: str
-    method: str
     store: str
-    method_args: dict = field(default_factory=dict)
+    options: AttributeOptions = AttributeOptions()
     load_args: dict = field(default_factory=dict)  # load_model keywords: dtype, revision, quantization...
-    attribute_args: dict = field(default_factory=dict)  # AttributionModel.attribute keywords
     storage_options: dict | None = None
     plan: PlanConfig = PlanConfig()
     threads: int | None = None  # torch intra-op threads per actor (None: the actor's CPU share)
     log_dir: str | None = None  # also append each actor's log to LOG_DIR/actor-<rank>.log
+    plugins: tuple[str, ...] = ()  # modules imported by each actor before it loads the model
+    extensions: bytes = b""  # custom methods and step functions, cloudpickled (see distattr.jobs.extensions)
+
+    @property
+    def method(self) -> str:
+        return self.options.method
 
 
 @dataclass(frozen=True)
@@ -114,14 +118,33 @@ class Attributor:
                 client = getattr(module, "client", None)
                 if callable(getattr(client, "close", None)):
                     client.close()
-        self.model = load_model(self.job.model, self.job.method, method_args=self.job.method_args, **load_args)
-        self.token_budget = self.job.attribute_args.get("token_budget")
+        self._register_methods()
+        self.model = load_model(self.job.model, self.job.method, method_args=self.job.options.method_args,
+                                **load_args)
+        self.token_budget = self.job.options.token_budget
         if self.token_budget is None:  # the planner sizes the row batches from this replica's device memory
             from ..planner import token_budget_for
 
             self.token_budget = token_budget_for(self.model.model)
         self.log.info("actor %d (pid %d) loaded %s in %.1f s; %d tokens per batch", self.rank, os.getpid(),
                       self.job.model, time.perf_counter() - started, self.token_budget)
+
+    def _register_methods(self) -> None:
+        """The job's plugins and custom methods and step functions, known here before the model loads."""
+        import cloudpickle
+
+        from .. import methods, steps
+
+        methods.load_plugins(self.job.plugins)
+        if not self.job.extensions:
+            return
+        found = cloudpickle.loads(self.job.extensions)
+        for name, entry in found["methods"].items():
+            methods.register_method(name, entry.run, entry.args, kind=entry.kind, summary=entry.summary,
+                                    cost=entry.cost, remote=entry.remote, replace=True)
+        for name, entry in found["steps"].items():
+            steps.register_step_function(entry.fn, name, merge=entry.merge, contrastive=entry.contrastive,
+                                         overwrite=True)
 
     def ping(self) -> int:
         """Answers as soon as Ray has placed this actor (before its model is loaded): its pid."""
@@ -138,21 +161,18 @@ class Attributor:
         deltas; plus the model's description."""
         from ..models.loading import describe
 
-        args = dict(self.job.attribute_args)
-        args.pop("generation_args", None)
+        options = self.job.options
         if record.target is not None:
             target = record.target
         else:  # two generated tokens are enough to learn the shapes; an empty generation gets one filler token
-            cfg = AttributeConfig(method=self.job.method, generation_args={"max_new_tokens": 2},
-                                  skip_special_tokens=bool(args.get("skip_special_tokens", False)))
-            (target,) = generate_targets(self.model.loaded, [record.text], cfg)
+            short = dataclasses.replace(options, generation_args={"max_new_tokens": 2})
+            (target,) = generate_targets(self.model.loaded, [record.text], short)
             if len(target) <= self._first_step(record):
                 filler = self.model.tokenizer.unk_token_id
                 target = [*target, filler if filler is not None else self.model.tokenizer.eos_token_id]
-        args.pop("attr_pos_start", None)
-        args.pop("attr_pos_end", None)
-        out = self.model.attribute([record.text], [target], show_progress=False,
-                                   contrast_targets=[record.contrast] if record.contrast else None, **args)
+        probe = dataclasses.replace(options, generation_args={}, attr_pos_start=None, attr_pos_end=None)
+        out = self.model.attribute([record.text], [target], show_progress=False, options=probe,
+                                   contrast_targets=[record.contrast] if record.contrast else None)
         seq = out.sequences[0]
         return {"dims": list(seq.dims), "dim_labels": [list(x) for x in seq.dim_labels],
                 "dim_sizes": list(seq.target_attributions.shape[2:] if seq.target_attributions is not None
@@ -163,10 +183,7 @@ class Attributor:
 
     def generate(self, records: Sequence[Record]) -> list[list[int]]:
         """The target ids of ``records`` (generated with the job's generation arguments)."""
-        cfg = AttributeConfig(method=self.job.method, generation_args=dict(self.job.attribute_args.get(
-            "generation_args", {}) or {}), skip_special_tokens=bool(self.job.attribute_args.get(
-                "skip_special_tokens", False)))
-        return generate_targets(self.model.loaded, [r.text for r in records], cfg)
+        return generate_targets(self.model.loaded, [r.text for r in records], self.job.options)
 
     def generate_unit(self, unit: Unit) -> list[int] | None:
         """The target ids of a split unit's example: read back from the store when an earlier run generated them
@@ -258,10 +275,10 @@ class Attributor:
         return self._group, self._schema
 
     def _attribute(self, records: Sequence[Record], targets, **extra):
-        args = {**self.job.attribute_args, "token_budget": self.token_budget, **extra}
+        options = dataclasses.replace(self.job.options, token_budget=self.token_budget, **extra)
         contrasts = [r.contrast for r in records] if records[0].contrast is not None else None
         return self.model.attribute([r.text for r in records], targets, contrast_targets=contrasts,
-                                    show_progress=False, **args)
+                                    show_progress=False, options=options)
 
     def _whole(self, unit: Unit) -> tuple[list[SlotResult], list[SlotFailure]]:
         """Attribute a unit's examples together. Targets are generated first, so that an example whose
@@ -323,8 +340,8 @@ class Attributor:
         first = self._first_step(record)
         if len(target_ids) <= first:
             return first, first
-        args = self.job.attribute_args
-        return resolve_positions(args.get("attr_pos_start"), args.get("attr_pos_end"), len(target_ids), first)
+        options = self.job.options
+        return resolve_positions(options.attr_pos_start, options.attr_pos_end, len(target_ids), first)
 
     def _failure(self, slot: int, record: Record, error: str) -> SlotFailure:
         return SlotFailure(slot=slot, index=record.index, example_id=record.id, meta=_meta(record, ""), error=error)
@@ -333,7 +350,7 @@ class Attributor:
         return self.model.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def _source_ids(self, record: Record) -> list[int]:
-        add_special = not self.job.attribute_args.get("skip_special_tokens", False)
+        add_special = not self.job.options.skip_special_tokens
         return encode_text(self.model.tokenizer, record.text, add_special)
 
     def _first_step(self, record: Record) -> int:

@@ -158,25 +158,35 @@ class Pool:
 
         try:
             info = ray.get(replica.ready, timeout=TICK * 30)
-        except RayActorError:
+        except RayActorError as err:
+            if "creation task" in str(err):  # its constructor raised (e.g. the job could not be unpickled there)
+                self._start_failed(replica, err)
+                return
             self.replicas.remove(replica)
             self.counts.lost += 1
             self.say(f"actor {replica.rank} was lost before it was ready; requesting another")
             self._top_up()
             return
         except RayTaskError as err:  # loading the model failed: every replica may fail the same way
-            with contextlib.suppress(Exception):
-                ray.kill(replica.handle, no_restart=True)
-            self.replicas.remove(replica)
-            self.start_failures += 1
-            message = self.last_refusal = _first_error_line(err)
-            if self.start_failures > self.resources.max_retries:
-                raise JobStopped(f"actors could not load the model ({self.start_failures} tries): {message}") from None
-            self.say(f"actor {replica.rank} could not load the model ({message}); trying another")
-            self._top_up()
+            self._start_failed(replica, err)
             return
         replica.live, replica.where = True, f"{info['host']} pid {info['pid']}"
         self.say(f"actor {replica.rank} ready on {replica.where} ({self.state()})")
+
+    def _start_failed(self, replica: Replica, err: Exception) -> None:
+        """A replica could not start or load the model: count it (every replica may fail the same way; the job stops
+        after ``max_retries`` of them, with the error) and request another."""
+        import ray
+
+        with contextlib.suppress(Exception):
+            ray.kill(replica.handle, no_restart=True)
+        self.replicas.remove(replica)
+        self.start_failures += 1
+        message = self.last_refusal = _first_error_line(err)
+        if self.start_failures > self.resources.max_retries:
+            raise JobStopped(f"actors could not load the model ({self.start_failures} tries): {message}") from None
+        self.say(f"actor {replica.rank} could not load the model ({message}); trying another")
+        self._top_up()
 
     def _retire(self, replica: Replica, reason: str, unreachable: bool = False) -> list[Item]:
         """Kill a replica (confirmed dead when it was only unreachable), request a replacement, and return the

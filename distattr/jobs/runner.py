@@ -21,7 +21,8 @@ from ..models.loading import context_length
 from ..store import io as store_io
 from ..store import lease as store_lease
 from ..store.layout import Schema
-from .actor import PERFORMANCE_ARGS, JobSpec, Report, Task
+from ..viz.progress import Progress
+from .actor import JobSpec, Report, Task
 from .data import Fields, Rows, records
 from .plan import Survey, checked_units, plan_units, sizer, survey
 from .pool import Generate, JobStalled, JobStopped, Pool, Resources
@@ -118,8 +119,8 @@ def run_job(job: JobSpec, data, fields: Fields, resources: Resources | None = No
     _check_store_path(job)
     store_lease.check_free(job.store, job.storage_options)  # before a long survey: a live job holds it
     tokenizer, config = _tokenizer(job)
-    add_special = not job.attribute_args.get("skip_special_tokens", False)
-    max_new = (job.attribute_args.get("generation_args") or {}).get("max_new_tokens")
+    add_special = not job.options.skip_special_tokens
+    max_new = job.options.generation_args.get("max_new_tokens")
     size = sizer(tokenizer, bool(config.is_encoder_decoder), add_special, max_new, context_length(config))
     info = survey(records(rows, fields), size, job.plan)
     say = (lambda message: _say(progress, message))
@@ -127,9 +128,10 @@ def run_job(job: JobSpec, data, fields: Fields, resources: Resources | None = No
         f"fingerprint {info.fingerprint[:12]}")
 
     connect(address, num_cpus=max(resources.actors * resources.num_cpus, 1))
-    bar = _Progress(info.count, progress)
+    bar = Progress("attributing", info.count, "ex", leave=True, enabled=progress)
     heartbeat = _Heartbeat()
-    pool = Pool(job, resources, say=bar.note, tick=lambda: (heartbeat(), bar.actors(pool.state())))
+    pool = Pool(job, resources, say=lambda message: bar.write(f"distattr: {message}"),
+                tick=lambda: (heartbeat(), bar.set_status(pool.state())))
     lease = None
     try:
         probe = pool.call_live("probe", next(records(rows, fields)))
@@ -141,8 +143,8 @@ def run_job(job: JobSpec, data, fields: Fields, resources: Resources | None = No
             say(f"took over the store's lease from a driver that stopped ({lease.took_over})")
         heartbeat.lease = lease
         work = _Work(checked_units(plan_units(records(rows, fields), size, job.plan), info), done)
-        counts = pool.drain(work, done=lambda key: bool(group["done"][key]), on_report=bar.report,
-                            on_targets=_part_tasks)
+        counts = pool.drain(work, done=lambda key: bool(group["done"][key]),
+                            on_report=lambda report: _show_report(bar, report), on_targets=_part_tasks)
         bar.close()
         failed = tuple(store_io.failures(group, schema))
         complete = not counts.failures and bool(store_io.done_units(group, schema).all())
@@ -231,21 +233,20 @@ def _schema(info: Survey, probe: dict, job: JobSpec) -> Schema:
                   source_attributions=probe["source_attributions"], target_attributions=probe["target_attributions"],
                   dims=tuple(probe["dims"]), dim_sizes=tuple(probe["dim_sizes"]),
                   dim_labels=tuple(tuple(x) for x in probe["dim_labels"]),
-                  step_scores=tuple(job.attribute_args.get("step_scores", ()) or ()), deltas=probe["deltas"])
+                  step_scores=tuple(job.options.step_scores), deltas=probe["deltas"])
 
 
 def _identity(job: JobSpec, fields: Fields, info: Survey, probe: dict) -> dict:
     """Everything the stored values depend on; a store is only resumed by a job with the same identity."""
     from ..models.identity import model_identity
 
-    value_args = {k: v for k, v in job.attribute_args.items() if k not in PERFORMANCE_ARGS}
     load_args = {k: v for k, v in job.load_args.items() if k not in ("device", "device_map", "max_memory")}
     if "model_kwargs" in load_args:  # where offloaded weights live does not change the values
         load_args["model_kwargs"] = {k: v for k, v in load_args["model_kwargs"].items() if k != "offload_folder"}
     return {"model": job.model, "model_class": probe["model"]["model_class"],
             "model_config_hash": probe["model"]["model_config_hash"],
             "model_files": model_identity(job.model, job.load_args.get("revision")), "load_args": load_args,
-            "method": job.method, "method_args": job.method_args, "attribute_args": value_args,
+            **job.options.identity(),
             "fields": asdict(fields), "dataset_fingerprint": info.fingerprint, "n_examples": info.count,
             "plan": asdict(job.plan)}
 
@@ -258,8 +259,7 @@ def _provenance(job: JobSpec, probe: dict) -> dict:
     from ..redaction import redact_command
 
     return {"model": probe["model"], "versions": versions(), "created": store_io.now_utc(),
-            "command": redact_command(sys.argv), "performance_args": {k: job.attribute_args.get(k)
-                                                                     for k in PERFORMANCE_ARGS}}
+            "command": redact_command(sys.argv), "performance_args": job.options.speed()}
 
 
 def _open_or_create(job: JobSpec, schema: Schema, identity: dict, provenance: dict, new_store: bool, info: Survey):
@@ -284,56 +284,9 @@ def _say(enabled: bool, message: str) -> None:
         print(f"distattr: {message}", file=sys.stderr, flush=True)
 
 
-class _Progress:
-    """Examples and tokens per second, ETA and the actors' state (live, pending, lost): a rich bar on a
-    terminal, else a log line every 15 s and whenever the actors change."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled = total, enabled
-        self.examples = self.steps = 0
-        self.started = self.last = time.perf_counter()
-        self.state = ""
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("attributing"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("examples  {task.fields[rate]}  {task.fields[actors]}"),
-                                TimeRemainingColumn())
-            self.task = self.bar.add_task("", total=total, rate="", actors="")
-            self.bar.start()
-
-    def report(self, report: Report) -> None:
-        self.examples += report.examples
-        self.steps += report.steps
-        for index, example_id, message in report.failed:
-            self.note(f"example {index} ({example_id!r}) failed: {message}")
-        self._show(report.examples)
-
-    def actors(self, state: str) -> None:
-        changed, self.state = state != self.state, state
-        if changed and self.bar is None and self.enabled and self.examples:
-            self.last = 0.0  # log the new state now
-        self._show(0)
-
-    def _show(self, advance: int) -> None:
-        now = time.perf_counter()
-        elapsed = max(now - self.started, 1e-9)
-        rate = f"{self.examples / elapsed:.2f} ex/s, {self.steps / elapsed:.1f} tok/s"
-        if self.bar is not None:
-            self.bar.update(self.task, advance=advance, rate=rate, actors=self.state)
-        elif self.enabled and (now - self.last >= 15 or (advance and self.examples >= self.total)):
-            self.last = now
-            left = (self.total - self.examples) / max(self.examples / elapsed, 1e-9)
-            print(f"distattr: {self.examples}/{self.total} examples, {rate}, ETA {left:.0f} s; {self.state}",
-                  file=sys.stderr, flush=True)
-
-    def note(self, message: str) -> None:
-        if self.enabled:
-            (self.bar.console.print if self.bar is not None else lambda m: print(m, file=sys.stderr, flush=True))(
-                f"distattr: {message}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
+def _show_report(bar: Progress, report: Report) -> None:
+    """A finished task on the driver's progress (examples done, attributed tokens per second), its failed
+    examples as lines; the actors' state is the progress's status (:meth:`Pool.state`, every tick)."""
+    for index, example_id, message in report.failed:
+        bar.write(f"distattr: example {index} ({example_id!r}) failed: {message}")
+    bar(report.examples, report.steps)

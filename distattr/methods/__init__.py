@@ -1,16 +1,22 @@
-"""Attribution methods: a plain registry from name to a runner and its argument dataclass.
+"""Attribution methods: a plain registry from name to everything about a method (:class:`Method`).
 
 Every runner has the signature ``run(request, args) -> list[MethodOutput]``; ``args`` is the method's
 frozen argument dataclass, built from the user's keyword arguments (unknown names are an error that
 lists the valid ones; a value of the wrong type is an error that names the valid values, see
-:mod:`distattr.arguments`).
+:mod:`distattr.arguments`). The entry also carries the method's cost model (``cost``, read by the planner)
+and what it needs that a remote (Petals) model cannot give (``remote``, read by :func:`check_remote`).
+
+User methods: :func:`register_method` adds one; :func:`load_plugins` imports modules that do so; a name not
+in :data:`METHODS` is looked up in the ``distattr.methods`` entry-point group before it is an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from dataclasses import dataclass
+import importlib
+import importlib.metadata
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,7 +29,12 @@ from .internals import attention_attribution
 from .lime import LimeArgs, run_lime
 from .perturbation import occlusion_attribution
 from .reagent import ReagentArgs, run_reagent
+from .rows import RowModel, Unit, n_samples_rows, n_steps_rows, one_row
 from .value_zeroing import ValueZeroingArgs, value_zeroing_attribution
+
+# a method-argument field that changes speed or memory, not the numbers: kept out of dataset stores' identity (see
+# distattr.options), so a resumed job may change it
+SPEED_ONLY = {"speed_only": True}
 
 
 @dataclass(frozen=True)
@@ -65,7 +76,7 @@ class IntegratedGradientsArgs:
 
     n_steps: int = 50
     method: str = "gausslegendre"
-    internal_batch_size: int | None = None
+    internal_batch_size: int | None = field(default=None, metadata=SPEED_ONLY)
     return_convergence_delta: bool = True
 
     def __post_init__(self):
@@ -79,7 +90,7 @@ class SequentialIntegratedGradientsArgs:
 
     n_steps: int = 50
     method: str = "gausslegendre"
-    internal_batch_size: int | None = None
+    internal_batch_size: int | None = field(default=None, metadata=SPEED_ONLY)
 
     def __post_init__(self):
         check_path_args(self.n_steps, self.method, self.internal_batch_size)
@@ -120,12 +131,48 @@ class OcclusionArgs:
     absolute: bool = True
 
 
+RemoteCheck = Callable[[str, dict], "str | None"]
+
+
 @dataclass(frozen=True)
 class Method:
+    """Everything about one attribution method.
+
+    ``run(request, args) -> list[MethodOutput]``: the runner. ``args``: its frozen argument dataclass.
+    ``kind``: ``"gradient"``, ``"layer"``, ``"internals"``, ``"perturbation"`` (``"custom"`` for user methods
+    that do not say), shown by ``distattr methods``. ``summary``: one line.
+    ``cost``: the planner's row model (:class:`~distattr.methods.rows.RowModel`); None = not planned
+    (:func:`distattr.planner.plan` refuses the method in one line).
+    ``remote(name, args) -> str | None``: why the method cannot run, with these user arguments (a dict),
+    on a model whose transformer blocks run on remote Petals servers (one line), or None when it can;
+    ``remote=None``: no needs beyond gradients at the embeddings and the model's outputs.
+    """
+
     run: Callable[[Request, object], list[MethodOutput]]
     args: type
-    kind: str  # "gradient", "layer", "internals", "perturbation"
+    kind: str
     summary: str
+    cost: RowModel | None = None
+    remote: RemoteCheck | None = None
+
+
+def needs_block_internals(name: str, args: dict) -> str:
+    """``remote`` of the internals methods: they read inside the blocks, which a remote model does not give."""
+    return (f"{name!r} reads attention weights or activations inside the transformer blocks, which run on remote "
+            "Petals servers; use a gradient or perturbation method with a petals:// model")
+
+
+def layers_outside_remote_blocks(name: str, args: dict) -> str | None:
+    """``remote`` of the layer methods: ``target_layer`` must not name a module inside the decoder blocks
+    (``...layers.N...``), which run on remote servers; the embeddings and the final norm are local."""
+    target = args.get("target_layer")
+    targets = [target] if isinstance(target, str) else list(target or ())
+    names = [n.strip() for item in targets for n in item.split(",")]
+    inside = [n for n in names if ".layers." in f".{n}."]
+    if inside:
+        return (f"target_layer {inside} is inside the remote Petals blocks; with a petals:// model a layer "
+                "method can target the embeddings (the default) or the final norm")
+    return None
 
 
 def _ig_path(args: IntegratedGradientsArgs) -> Path:
@@ -239,42 +286,162 @@ def run_attention(req: Request, args: NoArgs) -> list[MethodOutput]:
     return attention_attribution(req)
 
 
+def sequential_rows(args: SequentialIntegratedGradientsArgs, unit: Unit) -> int:
+    """Sequential IG's ``points``: a path of ``n_steps`` per prefix token."""
+    return args.n_steps * unit.length
+
+
+def occlusion_rows(args: OcclusionArgs, unit: Unit) -> int:
+    """Occlusion's ``points``: the clean row and one row per token that can change an attributed step."""
+    return unit.length + 1
+
+
+GRADIENT = RowModel(True, one_row)
+PATH = RowModel(True, n_steps_rows)
+DEEPLIFT = RowModel(True, one_row, steps_per_row=1, copies=2)
+
+# cost=None (attention, value_zeroing, reagent): not planned; their memory (attention maps, per-layer zeroed
+# passes, data-dependent rounds) is not the row model's.
 METHODS: dict[str, Method] = {
-    "saliency": Method(run_saliency, SaliencyArgs, "gradient", "|df/dx| (Simonyan et al. 2013)"),
-    "input_x_gradient": Method(run_input_x_gradient, NoArgs, "gradient", "x * df/dx"),
+    "saliency": Method(run_saliency, SaliencyArgs, "gradient", "|df/dx| (Simonyan et al. 2013)", GRADIENT),
+    "input_x_gradient": Method(run_input_x_gradient, NoArgs, "gradient", "x * df/dx", GRADIENT),
     "integrated_gradients": Method(run_integrated_gradients, IntegratedGradientsArgs, "gradient",
-                                   "path integral of gradients from the UNK baseline (Sundararajan et al. 2017)"),
+                                   "path integral of gradients from the UNK baseline (Sundararajan et al. 2017)",
+                                   PATH),
     "sequential_integrated_gradients": Method(
         run_sequential_integrated_gradients, SequentialIntegratedGradientsArgs, "gradient",
-        "integrated gradients with one path per token, the others kept at the input (Enguehard 2023)"),
+        "integrated gradients with one path per token, the others kept at the input (Enguehard 2023)",
+        RowModel(True, sequential_rows)),
     "discretized_integrated_gradients": Method(
         run_discretized_integrated_gradients, DiscretizedIGArgs, "gradient",
-        "IG along monotonic paths through word embeddings (Sanyal & Ren 2021)"),
-    "deeplift": Method(run_deeplift, NoArgs, "gradient", "DeepLIFT rescale rule via Captum (Shrikumar et al. 2017)"),
+        "IG along monotonic paths through word embeddings (Sanyal & Ren 2021)", PATH),
+    "deeplift": Method(run_deeplift, NoArgs, "gradient", "DeepLIFT rescale rule via Captum (Shrikumar et al. 2017)",
+                       DEEPLIFT),
     "gradient_shap": Method(run_gradient_shap, GradientShapArgs, "gradient",
-                            "expected gradients at random path points (Lundberg & Lee 2017)"),
+                            "expected gradients at random path points (Lundberg & Lee 2017)",
+                            RowModel(True, n_samples_rows)),
     "layer_integrated_gradients": Method(run_layer_integrated_gradients, LayerIntegratedGradientsArgs, "layer",
-                                         "integrated gradients over a layer's output"),
+                                         "integrated gradients over a layer's output", PATH,
+                                         layers_outside_remote_blocks),
     "layer_gradient_x_activation": Method(run_layer_gradient_x_activation, LayerArgs, "layer",
-                                          "layer output * gradient (one or many layers in one pass)"),
-    "layer_deeplift": Method(run_layer_deeplift, LayerArgs, "layer", "DeepLIFT at a layer's output via Captum"),
-    "attention": Method(run_attention, NoArgs, "internals", "attention weights of every layer and head"),
+                                          "layer output * gradient (one or many layers in one pass)", GRADIENT,
+                                          layers_outside_remote_blocks),
+    "layer_deeplift": Method(run_layer_deeplift, LayerArgs, "layer", "DeepLIFT at a layer's output via Captum",
+                             DEEPLIFT, layers_outside_remote_blocks),
+    "attention": Method(run_attention, NoArgs, "internals", "attention weights of every layer and head",
+                        None, needs_block_internals),
     "occlusion": Method(run_occlusion, OcclusionArgs, "perturbation",
-                        "|f(x) - f(x with one token replaced by its baseline)| (Zeiler & Fergus 2014)"),
+                        "|f(x) - f(x with one token replaced by its baseline)| (Zeiler & Fergus 2014)",
+                        RowModel(False, occlusion_rows, whole_sequence=True)),
     "value_zeroing": Method(value_zeroing_attribution, ValueZeroingArgs, "internals",
-                            "1 - cos of each layer's output with a token's values zeroed (Mohebbi et al. 2023)"),
+                            "1 - cos of each layer's output with a token's values zeroed (Mohebbi et al. 2023)",
+                            None, needs_block_internals),
     "lime": Method(run_lime, LimeArgs, "perturbation",
-                   "kernel-weighted ridge on random token masks, one surrogate per step (Ribeiro et al. 2016)"),
+                   "kernel-weighted ridge on random token masks, one surrogate per step (Ribeiro et al. 2016)",
+                   RowModel(False, n_samples_rows, whole_sequence=True)),
     "reagent": Method(run_reagent, ReagentArgs, "perturbation",
                       "recursive random token replacement until the top tokens keep the prediction (Zhao & Shan 2024)"),
 }
+BUILTIN_METHODS = frozenset(METHODS)
+ENTRY_POINT_GROUP = "distattr.methods"
+
+
+def _from_entry_point(name: str) -> Method | None:
+    """Load the ``distattr.methods`` entry point called ``name`` (its module calls :func:`register_method` when
+    imported); None when no installed package declares one."""
+    found = [ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+    if not found:
+        return None
+    try:
+        found[0].load()
+    except Exception as err:
+        raise ValueError(f"Cannot load method {name!r} from entry point {found[0].value!r} "
+                         f"({ENTRY_POINT_GROUP}): {type(err).__name__}: {_first(err)}") from None
+    if name not in METHODS:
+        raise ValueError(f"Entry point {found[0].value!r} ({ENTRY_POINT_GROUP}) was loaded but did not register "
+                         f"method {name!r} (its module should call distattr.register_method({name!r}, ...))")
+    return METHODS[name]
+
+
+def _first(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
+
+
+def find_method(name: str) -> Method | None:
+    """The entry of ``name``: the registry, else an installed ``distattr.methods`` entry point; None if neither."""
+    return METHODS.get(name) or _from_entry_point(name)
 
 
 def get_method(name: str) -> Method:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"Unknown attribution method {name!r}. Available: {', '.join(sorted(METHODS))}") from None
+    spec = find_method(name)
+    if spec is None:
+        raise ValueError(f"Unknown attribution method {name!r}. Available: {', '.join(sorted(METHODS))}")
+    return spec
+
+
+def check_remote(method: str, args: dict | None = None) -> None:
+    """Refuse, with a one-line ValueError, ``method`` with user arguments ``args`` on a model whose transformer
+    blocks run on remote Petals servers, when its entry's ``remote`` says it needs what those cannot give."""
+    spec = get_method(method)
+    reason = spec.remote(method, dict(args or {})) if spec.remote is not None else None
+    if reason:
+        raise ValueError(reason)
+
+
+def register_method(name: str, run: Callable[[Request, object], list[MethodOutput]], args: type = NoArgs, *,
+                    kind: str = "custom", summary: str = "", cost: RowModel | None = None,
+                    remote: RemoteCheck | None = None, replace: bool = False) -> Method:
+    """Add a user method to :data:`METHODS`; it is then usable everywhere a built-in one is
+    (``attribute(..., method=name)``, ``distattr methods``, the planner when ``cost`` is given).
+
+    Args:
+        name: a Python identifier, not yet registered (a built-in or earlier one is refused unless ``replace``).
+        run: ``run(request, args) -> list[MethodOutput]``, one output per ``request.examples`` item (see
+            :class:`~distattr.methods.base.MethodOutput` for the shapes).
+        args: the method's frozen argument dataclass (every field with a default); :class:`NoArgs` for none.
+        kind, summary: what ``distattr methods`` shows.
+        cost: the planner's :class:`~distattr.methods.rows.RowModel` (None: the planner refuses the method).
+        remote: ``remote(name, args) -> str | None``, why it cannot run on remote Petals blocks (None: it can).
+    Returns:
+        the new :class:`Method` entry.
+    Raises:
+        ValueError: one line, for a taken or invalid name, a ``run`` that is not callable, ``args`` that is not a
+            frozen dataclass, a ``cost`` that is not a RowModel or a ``remote`` that is not callable.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"A method name must be a Python identifier (letters, digits, _), not {name!r}")
+    if name in METHODS and not replace:
+        what = "a built-in method" if name in BUILTIN_METHODS else "already registered"
+        raise ValueError(f"Method {name!r} is {what}; pass replace=True to replace it")
+    if not callable(run):
+        raise ValueError(f"run of method {name!r} must be callable as run(request, args), not {type(run).__name__}")
+    if not (isinstance(args, type) and dataclasses.is_dataclass(args) and args.__dataclass_params__.frozen):
+        raise ValueError(f"args of method {name!r} must be a frozen dataclass (@dataclass(frozen=True)), "
+                         f"not {getattr(args, '__name__', args)!r}")
+    if cost is not None and not isinstance(cost, RowModel):
+        raise ValueError(f"cost of method {name!r} must be a distattr.methods.rows.RowModel or None, "
+                         f"not {type(cost).__name__}")
+    if remote is not None and not callable(remote):
+        raise ValueError(f"remote of method {name!r} must be callable as remote(name, args) or None")
+    spec = Method(run, args, kind, summary, cost, remote)
+    METHODS[name] = spec
+    return spec
+
+
+def load_plugins(modules: Sequence[str]) -> None:
+    """Import each module named in ``modules`` (``"pkg.my_methods"``); a plugin module registers its methods with
+    :func:`register_method` when imported. A module already imported is not run again.
+
+    Raises:
+        ValueError: one line naming the module that cannot be imported, and why.
+    """
+    if isinstance(modules, str):
+        modules = [modules]
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as err:
+            raise ValueError(f"Cannot import plugin module {module!r}: {type(err).__name__}: {_first(err)}") from None
 
 
 def _check_names(method: str, spec: Method, names) -> None:

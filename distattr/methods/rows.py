@@ -127,3 +127,37 @@ def pack_suffixes(units: list[Unit], counts: list[int], token_budget: int,
             batches.append([Piece(u, tuple(range(first, last)))])
             first = last
     return batches
+
+
+@dataclass(frozen=True)
+class RowModel:
+    """How a method turns an example into rows: its cost model, read by :func:`distattr.planner.plan`.
+
+    ``backward``: the rows need a backward (gradient methods) or are forward-only (perturbation methods).
+    ``points(args, unit)``: rows per unit (``args`` is the method's argument dataclass; for ``whole_sequence``
+    methods ``unit`` is the whole example, all attributed steps). ``steps_per_row``: None = the engine's cost
+    model (:func:`choose_width`), 1 = one step per row (stacked prefixes). ``copies``: forwards per row
+    (Captum's DeepLIFT runs input and baseline together). ``whole_sequence``: forward-only rows over the whole
+    sequence, one set per example.
+    """
+
+    backward: bool
+    points: Callable[[object, Unit], int]
+    steps_per_row: int | None = None
+    copies: int = 1
+    whole_sequence: bool = False
+
+
+def one_row(args: object, unit: Unit) -> int:
+    """``points`` of a method with one row per unit (the input itself): saliency, input x gradient."""
+    return 1
+
+
+def n_steps_rows(args: object, unit: Unit) -> int:
+    """``points`` of a path method: ``args.n_steps`` rows per unit."""
+    return args.n_steps
+
+
+def n_samples_rows(args: object, unit: Unit) -> int:
+    """``points`` of a sampling method: ``args.n_samples`` rows per unit."""
+    return args.n_samples

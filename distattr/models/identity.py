@@ -1,6 +1,6 @@
 """What model a job ran: short hashes of its weights and its tokenizer, cheap enough to take on every job start.
 
-``model_identity(spec)`` answers for every model spec that :func:`distattr.models.loading.resolve_folder`
+``model_identity(spec)`` answers for every model spec that :func:`distattr.models.sources.resolve_folder`
 understands, without contacting the hub and without reading whole weight files:
 
 ============  =====================================================================================
@@ -32,6 +32,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from . import embedded
+from .petals_spec import is_petals_spec, parse_spec
+from .sources import resolve_folder
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
 TOKENIZER_NAMES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "merges.txt", "chat_template.jinja", "chat_template.json")
@@ -60,12 +64,7 @@ def model_identity(spec: str, revision: str | None = None) -> dict:
     Raises:
         FileNotFoundError: a path-like spec (or GGUF file) that does not exist.
     """
-    from . import embedded
-    from .loading import resolve_folder
-
-    if spec.startswith("petals://"):
-        from .petals import parse_spec
-
+    if is_petals_spec(spec):
         parsed = parse_spec(spec)
         parts = model_identity(parsed.model, revision)
         return {**parts, "source": "petals", "parts": parts["source"], "dht_prefix": parsed.dht_prefix}

@@ -1,81 +1,29 @@
 """Load a model and tokenizer from whatever the user names: the embedded default, a Hugging Face id or
-local folder, a ``.gguf`` file, or objects already in memory."""
+local folder, a ``.gguf`` file, or objects already in memory.
+
+What a name points to is :mod:`.sources`' answer, the result is a :class:`.loaded.LoadedModel`, and a
+``petals://`` spec is handed to :mod:`.petals`; ``LoadedModel``, ``ObjectState`` and ``resolve_folder`` are also
+importable from here."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import embedded
+from ..logs import quiet_transformers
+from . import embedded, sources
+from .loaded import LoadedModel, ObjectState, fill_special_tokens
+from .petals_spec import is_petals_spec
 from .quantization import describe_quantization, guard_4bit_gradients, quantization_config, quiet_int8_casts
+from .sources import resolve_folder  # noqa: F401 (importable from here, as before the split)
 
-
-@dataclass
-class ObjectState:
-    """What :func:`load` changes on a model object (and tokenizer object) passed in, as it was before, so that
-    :meth:`restore` can put it back: each module's ``training`` flag (``eval()``), each parameter's
-    ``requires_grad`` (``requires_grad_(False)``), the tokenizer's pad token and ``config.pad_token_id`` (filled
-    from EOS when unset), and the CPU repacking switch of bitsandbytes 4-bit layers."""
-
-    training: list[tuple[torch.nn.Module, bool]]
-    requires_grad: list[tuple[torch.nn.Parameter, bool]]
-    tokenizer: Any
-    pad_token: Any
-    config_pad_token_id: Any
-    cpu_repacking: list[tuple[torch.nn.Module, Any]]
-    released: bool = False
-
-    @classmethod
-    def capture(cls, model: torch.nn.Module, tokenizer: Any) -> ObjectState:
-        return cls(
-            training=[(m, m.training) for m in model.modules()],
-            requires_grad=[(p, p.requires_grad) for p in model.parameters()],
-            tokenizer=tokenizer, pad_token=getattr(tokenizer, "pad_token", None),
-            config_pad_token_id=getattr(model.config, "pad_token_id", None),
-            cpu_repacking=[(m, m.support_avx512bf16_for_cpu) for m in model.modules()
-                           if hasattr(m, "support_avx512bf16_for_cpu")],
-        )
-
-    def restore(self, model: torch.nn.Module) -> None:
-        """Put back what :func:`load` changed (once; later calls do nothing)."""
-        if self.released:
-            return
-        for module, training in self.training:
-            module.training = training
-        for param, flag in self.requires_grad:
-            param.requires_grad_(flag)
-        for module, flag in self.cpu_repacking:
-            module.support_avx512bf16_for_cpu = flag
-        if self.tokenizer is not None and getattr(self.tokenizer, "pad_token", None) != self.pad_token:
-            self.tokenizer.pad_token = self.pad_token
-        model.config.pad_token_id = self.config_pad_token_id
-        self.released = True
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A model ready for attribution: parameters frozen, eval mode. ``given`` holds the state of a model object
-    passed in by the user, as it was (see :class:`ObjectState`); None when distattr loaded the model."""
-
-    model: torch.nn.Module
-    tokenizer: Any
-    name: str
-    revision: str | None = None
-    source: dict = field(default_factory=dict)
-    given: ObjectState | None = field(default=None, repr=False, compare=False)
-
-
-def _quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+logger = logging.getLogger(__name__)
 
 
 def _autoclass(config):
@@ -201,33 +149,21 @@ def check_max_memory(max_memory: dict) -> dict:
     return out
 
 
-def _placement_kwargs(config, dtype, device, device_map, max_memory, quantization_spec) -> dict:
+def _placement_kwargs(config, dtype, device, device_map, max_memory, quantization) -> dict:
     """``from_pretrained`` keyword arguments for quantization and big-model placement, validated."""
     kwargs: dict = {}
     if max_memory is not None:
         kwargs["max_memory"] = check_max_memory(max_memory)
         device_map = "auto" if device_map is None else device_map
-    if quantization_spec is not None:
+    if quantization is not None:
         compute = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
-        kwargs["quantization_config"] = quantization_config(quantization_spec, compute)
+        kwargs["quantization_config"] = quantization_config(quantization, compute)
         if device_map is None and device is not None:  # quantized weights cannot be moved after loading
             device_map = {"": device}
     if device_map is not None:
         check_device_map(device_map, config)
         kwargs["device_map"] = device_map
     return kwargs
-
-
-def _gguf_cache(path: Path) -> Path:
-    stat = path.stat()
-    key = hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    folder = embedded.cache_root() / f"gguf-{path.stem}-{key}"
-    if not embedded.is_complete(folder):
-        try:
-            embedded.convert_gguf(path, folder)
-        except Exception as err:  # the GGUF reader raises many kinds of errors on a corrupt file
-            raise ValueError(f"Could not read GGUF file {path}: {type(err).__name__}: {err}") from err
-    return folder
 
 
 def context_length(config) -> int | None:
@@ -240,27 +176,6 @@ def context_length(config) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
-
-
-def resolve_folder(spec: str) -> tuple[str, str]:
-    """Map a model spec string to (folder or hub id, display name)."""
-    if spec.startswith("petals://"):  # a Petals-served model: its local parts (tokenizer, embeddings) come from here
-        from .petals import parse_spec
-
-        return resolve_folder(parse_spec(spec).model)[0], spec
-    if spec in embedded.EMBEDDED_MODELS:
-        return str(embedded.converted_dir(spec)), spec
-    path = Path(spec).expanduser()
-    if spec.endswith(".gguf"):
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {spec}")
-        return str(_gguf_cache(path)), path.name
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{spec} is a file; give a model folder, a .gguf file or a Hugging Face model id")
-    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1
-    if looks_like_path and not path.exists():
-        raise FileNotFoundError(f"Model folder not found: {spec}")
-    return spec, spec
 
 
 def load(
@@ -279,8 +194,9 @@ def load(
     """Load and freeze a model.
 
     Args:
-        model: ``"smollm2-135m"`` (embedded), a hub id, a local folder, a ``.gguf`` file, or a
-            ``PreTrainedModel`` (then ``tokenizer`` must be given or loadable from its name).
+        model: ``"smollm2-135m"`` (embedded), a hub id, a local folder, a ``.gguf`` file, a ``petals://`` spec
+            (see :mod:`.petals`), or a ``PreTrainedModel`` (then ``tokenizer`` must be given or loadable from its
+            name).
         tokenizer: a tokenizer object or name; defaults to the model's.
         dtype: e.g. ``"float32"`` (default) or ``"bfloat16"``.
         device: where to put the model (ignored when ``device_map`` is given).
@@ -292,77 +208,118 @@ def load(
         quantization: ``"nf4"``, ``"int8"`` or a ``BitsAndBytesConfig`` (see :mod:`.quantization`), also in its
             JSON form ``{"bitsandbytes": config.to_dict()}`` (see :func:`portable_load_args`); needs bitsandbytes
             (``pip install 'distattr[quant]'``).
+        revision: the hub revision (branch, tag or commit) of the model, its config and its own tokenizer; the
+            same as ``model_kwargs={"revision": ...}``. Recorded in the result's metadata.
+        model_kwargs: more keywords of the model's ``from_pretrained``; those that say where the files are
+            (``token``, ``cache_dir``...) and ``trust_remote_code`` also reach the config, and the former the
+            model's own tokenizer (see :mod:`.sources` for the keys).
+        tokenizer_kwargs: keywords of ``AutoTokenizer.from_pretrained``; they win over those taken from
+            ``model_kwargs``.
 
     A model object passed in is changed in place (see :class:`ObjectState`, which records how it was):
     ``eval()``, ``requires_grad_(False)``, the tokenizer's pad token and ``config.pad_token_id`` filled from EOS
     when unset, bitsandbytes 4-bit layers' CPU repacking switched off, and moved to ``device`` when given.
+    transformers' warnings and progress bars are quiet while loading (see :func:`distattr.logs.quiet_transformers`).
     """
-    from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
-
-    from .petals import is_petals_spec, load_remote
-
     quantization = quantization_from_json(quantization)
     if is_petals_spec(model):  # "petals://...": the decoder blocks run in a Petals swarm (models/petals.py)
+        from .petals import load_remote
+
         return load_remote(model, tokenizer, dtype=dtype, device=device, model_kwargs=model_kwargs,
                            tokenizer_kwargs=tokenizer_kwargs, device_map=device_map, max_memory=max_memory,
                            quantization=quantization, revision=revision)
-    _quiet_transformers()
-    if isinstance(model, PreTrainedModel):
-        name = getattr(model.config, "name_or_path", "") or type(model).__name__
-        if tokenizer is None:
-            if not name or not Path(name).exists():
-                raise ValueError("Pass tokenizer= with a model object whose tokenizer cannot be found by name.")
-            tokenizer = name
-        given = {"device_map": device_map, "max_memory": max_memory, "quantization": quantization}
-        if any(v is not None for v in given.values()):
-            names = ", ".join(k for k, v in given.items() if v is not None)
-            raise ValueError(f"{names} apply when distattr loads the model from its name or folder; this model object "
-                             "is loaded already (pass quantization_config= / device_map= to its from_pretrained)")
-        hf_model = model
-        source = {"kind": "object", "class": type(model).__name__}
-    elif isinstance(model, str):
-        if not model.strip():
-            raise ValueError("Empty model name")
-        folder, name = resolve_folder(model)
-        kwargs = _model_kwargs(dtype, model_kwargs)
-        if revision is not None:
-            kwargs["revision"] = revision
-        try:
-            config = AutoConfig.from_pretrained(folder, revision=revision)
-        except OSError as err:
-            raise FileNotFoundError(f"Cannot load model {model!r}: {err}") from err
-        kwargs.update(_placement_kwargs(config, dtype, device, device_map, max_memory, quantization))
-        hf_model = _autoclass(config).from_pretrained(folder, **kwargs)
-        tokenizer = tokenizer if tokenizer is not None else folder
-        source = {"kind": "embedded" if model in embedded.EMBEDDED_MODELS else "pretrained", "path": folder}
-    else:
-        raise TypeError(f"model must be a name, a path or a PreTrainedModel, not {type(model).__name__}")
-
-    if isinstance(tokenizer, str):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer, **(tokenizer_kwargs or {}))
+    revision, model_kwargs = _with_revision(revision, model_kwargs)
+    placement = {"device": device, "device_map": device_map, "max_memory": max_memory, "quantization": quantization}
+    with quiet_transformers():
+        if isinstance(model, str):
+            hf_model, name, source = _load_named(model, dtype, placement, model_kwargs)
+            own_tokenizer = tokenizer is None
+            tokenizer = source["path"] if own_tokenizer else tokenizer
+        else:
+            hf_model, name, source = _given_model(model, placement)
+            own_tokenizer = False
+            tokenizer = tokenizer if tokenizer is not None else _tokenizer_folder(name)
+        if isinstance(tokenizer, str):
+            kwargs = sources.own_tokenizer_kwargs(model_kwargs, tokenizer_kwargs) if own_tokenizer else tokenizer_kwargs
+            tokenizer = _load_tokenizer(tokenizer, kwargs)
     given = ObjectState.capture(hf_model, tokenizer) if source["kind"] == "object" else None
-    if device is not None and device_map is None and getattr(hf_model, "hf_device_map", None) is None \
-            and quantization is None:
-        hf_model = hf_model.to(device)
+    hf_model = _prepare(hf_model, tokenizer, placement)
+    return LoadedModel(model=hf_model, tokenizer=tokenizer, name=name, revision=revision, source=source, given=given)
+
+
+def _with_revision(revision: str | None, model_kwargs: dict | None) -> tuple[str | None, dict]:
+    """``revision`` (from the argument or ``model_kwargs``, which must not disagree) and ``model_kwargs``
+    holding it, so that the model, its config and its tokenizer read the same revision."""
+    kwargs = dict(model_kwargs or {})
+    if revision is not None and kwargs.get("revision", revision) != revision:
+        raise ValueError(f"revision={revision!r} and model_kwargs['revision']={kwargs['revision']!r} differ; "
+                         "give one")
+    revision = revision if revision is not None else kwargs.get("revision")
+    if revision is not None:
+        kwargs["revision"] = revision
+    return revision, kwargs
+
+
+def _load_named(spec: str, dtype, placement: dict, model_kwargs: dict) -> tuple[torch.nn.Module, str, dict]:
+    """(model, display name, source) of a model spec string loaded with transformers."""
+    from transformers import AutoConfig
+
+    if not spec.strip():
+        raise ValueError("Empty model name")
+    folder, name = sources.resolve_folder(spec)
+    logger.info("loading model %s from %s", name, folder)
+    try:
+        config = AutoConfig.from_pretrained(folder, **sources.config_kwargs(model_kwargs))
+    except OSError as err:
+        raise FileNotFoundError(f"Cannot load model {spec!r}: {err}") from err
+    kwargs = _model_kwargs(dtype, model_kwargs)
+    kwargs.update(_placement_kwargs(config, dtype, **placement))
+    hf_model = _autoclass(config).from_pretrained(folder, **kwargs)
+    return hf_model, name, {"kind": "embedded" if spec in embedded.EMBEDDED_MODELS else "pretrained", "path": folder}
+
+
+def _given_model(model: Any, placement: dict) -> tuple[torch.nn.Module, str, dict]:
+    """(model, display name, source) of a model object passed in; loading options other than ``device`` are
+    refused (they apply when distattr loads the model)."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a name, a path or a PreTrainedModel, not {type(model).__name__}")
+    loading_only = [k for k in ("device_map", "max_memory", "quantization") if placement[k] is not None]
+    if loading_only:
+        raise ValueError(f"{', '.join(loading_only)} apply when distattr loads the model from its name or folder; "
+                         "this model object is loaded already (pass quantization_config= / device_map= to its "
+                         "from_pretrained)")
+    name = getattr(model.config, "name_or_path", "") or type(model).__name__
+    return model, name, {"kind": "object", "class": type(model).__name__}
+
+
+def _tokenizer_folder(name: str) -> str:
+    """The folder of a model object's tokenizer, found by the model's name (its ``name_or_path``)."""
+    if not name or not Path(name).exists():
+        raise ValueError("Pass tokenizer= with a model object whose tokenizer cannot be found by name.")
+    return name
+
+
+def _load_tokenizer(name: str, kwargs: dict | None) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name, **(kwargs or {}))
+
+
+def _prepare(hf_model: torch.nn.Module, tokenizer: Any, placement: dict) -> torch.nn.Module:
+    """The model moved to ``device`` (unless placed or quantized while loading), in eval mode with frozen
+    parameters, guarded for 4-bit gradients, with its pad tokens filled (see :func:`.loaded.fill_special_tokens`)."""
+    placed = placement["device_map"] is not None or getattr(hf_model, "hf_device_map", None) is not None
+    if placement["device"] is not None and not placed and placement["quantization"] is None:
+        hf_model = hf_model.to(placement["device"])
     hf_model.eval()
     hf_model.requires_grad_(False)
     guard_4bit_gradients(hf_model)  # before any forward: see models/quantization.py
     if getattr(hf_model, "is_loaded_in_8bit", False):
         quiet_int8_casts()
-    _fill_special_tokens(hf_model, tokenizer)
-    return LoadedModel(model=hf_model, tokenizer=tokenizer, name=name, revision=revision, source=source, given=given)
-
-
-def _fill_special_tokens(model, tokenizer) -> None:
-    """Inseq's fallbacks: pad <- eos, unk <- pad, so baselines always have a token to use."""
-    eos = model.config.eos_token_id
-    eos = eos[0] if isinstance(eos, list) else eos
-    if tokenizer.pad_token_id is None:
-        pad = model.config.pad_token_id if model.config.pad_token_id is not None else eos
-        if pad is not None:
-            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    fill_special_tokens(hf_model, tokenizer)
+    return hf_model
 
 
 def describe(loaded: LoadedModel) -> dict:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import re
 import select
@@ -49,16 +50,21 @@ import tempfile
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qs
 
 import torch
 from torch import nn
 
-SCHEME = "petals://"
+from ..logs import quiet_transformers
+from .loaded import LoadedModel, fill_special_tokens
+
+# the spec's parsing lives in petals_spec (no client, no transformers); its names stay importable from here
+from .petals_spec import ENV_NAME, SCHEME, PetalsSpec, default_python, is_petals_spec, parse_spec  # noqa: F401
+from .sources import config_kwargs, own_tokenizer_kwargs, resolve_folder
+
+logger = logging.getLogger(__name__)
+
 WORKER = Path(__file__).with_name("petals_worker.py")
-ENV_NAME = "petals-env-v1"  # cluster/petals/build_env.sh builds it under the distattr cache folder
 # Environment of every Petals/hivemind process: no hub, no PyPI version check, no proxy-less HTTP.
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -67,7 +73,6 @@ OFFLINE_ENV = {
     "PYTHONUNBUFFERED": "1",
 }
 STARTUP, STARTUP_TIMEOUT = "start up", 180.0  # seconds for the worker's imports (torch, hivemind, petals)
-_QUERY_KEYS = ("initial_peers", "dht_prefix", "netns", "timeout", "max_retries", "python")
 # Exceptions of the worker (its type names, as it reports them) after which the swarm, not the request, is at fault:
 # Petals re-raises the last failure once its retries (max_retries) are spent: a request that timed out (asyncio's
 # and the built-in TimeoutError share the name), a p2p daemon that failed (hivemind's P2PDaemonError), a lost
@@ -121,71 +126,6 @@ def is_unavailable(err: BaseException | None) -> bool:
     return False
 
 
-@dataclass(frozen=True)
-class PetalsSpec:
-    """A parsed ``petals://`` model spec.
-
-    Attributes:
-        model: the local parts' source: ``smollm2-135m``, a model folder or a hub id (same as ``load_model``).
-        initial_peers: multiaddrs of the swarm's DHT (``/ip4/127.0.0.1/tcp/31337/p2p/Qm...``).
-        dht_prefix: the prefix the servers announce their blocks under (``run_server --dht_prefix``).
-        netns: run the client worker inside this network namespace (``ip netns exec``); None: here.
-        timeout: seconds one request (retries included) may take before distattr stops the client.
-        max_retries: Petals' retries of a failed remote call (Petals' own default retries forever).
-        python: the Petals environment's interpreter.
-    """
-
-    model: str
-    initial_peers: tuple[str, ...]
-    dht_prefix: str
-    netns: str | None = None
-    timeout: float = 120.0
-    max_retries: int = 3
-    python: str = field(default_factory=lambda: default_python())
-
-
-def default_python() -> str:
-    """The Petals environment's interpreter: ``$DISTATTR_PETALS_PYTHON``, else the one
-    ``cluster/petals/build_env.sh`` builds in ``$DISTATTR_CACHE`` (default ``~/.cache/distattr``)."""
-    from .embedded import cache_root
-
-    return os.environ.get("DISTATTR_PETALS_PYTHON") or str(cache_root() / ENV_NAME / "bin" / "python")
-
-
-def is_petals_spec(model) -> bool:
-    return isinstance(model, str) and model.startswith(SCHEME)
-
-
-def parse_spec(url: str) -> PetalsSpec:
-    """``petals://<model>?initial_peers=<maddr>[,<maddr>]&dht_prefix=<prefix>[&netns=..&timeout=..&max_retries=..
-    &python=..]``; ``initial_peers`` may also be repeated."""
-    if not is_petals_spec(url):
-        raise ValueError(f"A Petals model spec starts with {SCHEME!r}: {url!r}")
-    model, _, query = url[len(SCHEME):].partition("?")
-    params = parse_qs(query, keep_blank_values=True)
-    unknown = sorted(set(params) - set(_QUERY_KEYS))
-    if unknown:
-        raise ValueError(f"Unknown Petals spec parameter(s) {unknown}; valid: {', '.join(_QUERY_KEYS)}")
-    peers = tuple(p for value in params.get("initial_peers", []) for p in value.split(",") if p)
-    if not model:
-        raise ValueError(f"No model in {url!r}: petals://<model>?initial_peers=...&dht_prefix=...")
-    if not peers:
-        raise ValueError(f"{url!r} names no initial_peers (the swarm's DHT multiaddr, /ip4/.../tcp/.../p2p/...)")
-    prefix = params.get("dht_prefix", [""])[-1]
-    if not prefix:
-        raise ValueError(f"{url!r} names no dht_prefix (the prefix the servers announce their blocks under)")
-    extra = {}
-    for key, cast in (("netns", str), ("timeout", float), ("max_retries", int), ("python", str)):
-        if key in params:
-            try:
-                extra[key] = cast(params[key][-1])
-            except ValueError:
-                raise ValueError(f"Bad {key}={params[key][-1]!r} in {url!r}") from None
-    if extra.get("timeout", 1.0) <= 0 or extra.get("max_retries", 1) < 1:
-        raise ValueError("timeout must be positive and max_retries at least 1")
-    return PetalsSpec(model=model, initial_peers=peers, dht_prefix=prefix, **extra)
-
-
 def netns_command(netns: str | None, argv: list[str], env: dict | None = None) -> list[str]:
     """``argv`` with the offline environment (plus ``env``), inside network namespace ``netns`` when given
     (``ip netns exec`` and ``env`` both exec, so the started process's PID is the program's own)."""
@@ -220,8 +160,6 @@ def export_model_folder(model: str, folder: str | Path) -> Path:
     import json
 
     from transformers import AutoConfig
-
-    from .loading import resolve_folder
 
     source, _ = resolve_folder(model)
     source_dir = Path(source)
@@ -268,6 +206,8 @@ class PetalsClient:
         self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                         start_new_session=True)
         self._finalizer = weakref.finalize(self, _stop_process, self.process, self.log)
+        logger.debug("started the Petals client worker (pid %d, network namespace %s)", self.process.pid,
+                     spec.netns or "this one")
         self._lock = threading.Lock()
         self.released: list[int] = []  # handles of forwards whose graphs distattr no longer holds
         self.closed_reason: str | None = None
@@ -359,6 +299,7 @@ class PetalsClient:
     def _stop(self, reason: str, hung: bool = False) -> None:
         if self.closed_reason is None:
             self.closed_reason = reason
+            logger.info("stopping the Petals client worker (pid %d): %s", self.process.pid, reason)
         if hung:  # no graceful close for a worker stuck in a request
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
@@ -404,8 +345,9 @@ def _stop_process(process: subprocess.Popen, log) -> None:
             process.stdin.write(_frame({"op": "close"}))
             process.stdin.flush()
             process.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
+        except (OSError, subprocess.TimeoutExpired) as err:  # gone already, or stuck: the signals below end it
+            logger.debug("the Petals client worker (pid %d) did not close on request (%s); signalling it",
+                         process.pid, type(err).__name__)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         if process.poll() is not None:
             break
@@ -529,38 +471,39 @@ def load_remote(url: str, tokenizer=None, *, dtype=None, device=None, model_kwar
                 tokenizer_kwargs: dict | None = None, command: list[str] | None = None, **unsupported):
     """Load the local parts of a ``petals://`` model and connect its blocks to the swarm.
 
-    Returns a :class:`~distattr.models.loading.LoadedModel` whose ``source`` records the swarm.
-    ``command`` replaces the worker command line (tests). ``unsupported``: loading options that do not apply
-    to a remote model (``device_map``, ``quantization``...): an error unless None.
+    Returns a :class:`~distattr.models.loaded.LoadedModel` whose ``source`` records the swarm.
+    ``model_kwargs`` reach the local parts' ``from_pretrained`` and, as :mod:`.sources` says which, their config
+    and tokenizer. ``command`` replaces the worker command line (tests). ``unsupported``: loading options that do
+    not apply to a remote model (``device_map``, ``quantization``...): an error unless None.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from .loading import LoadedModel, _fill_special_tokens, _quiet_transformers, resolve_folder
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     given = sorted(k for k, v in unsupported.items() if v is not None)
     if given:
         raise ValueError(f"{', '.join(given)} do not apply to a petals:// model: its blocks' placement and precision "
                          "are the servers' (run_server --torch_dtype / --quant_type)")
     spec = parse_spec(url)
-    _quiet_transformers()
-    folder, name = resolve_folder(spec.model)
-    config = AutoConfig.from_pretrained(folder)
-    if config.model_type != "llama":
-        raise ValueError(f"petals:// supports Llama-architecture models (model_type 'llama'), not "
-                         f"{config.model_type!r}: Petals 2.2 also serves BLOOM, Falcon and Mixtral, whose block lists "
-                         "distattr does not replace yet")
-    n_blocks = config.num_hidden_layers
-    kwargs = dict(model_kwargs or {})
-    kwargs["dtype"] = (getattr(torch, dtype) if isinstance(dtype, str) else dtype) or torch.float32
-    client = PetalsClient(spec, legacy_config(config), command=command)  # first: a bad swarm fails fast
-    try:
-        if client.info["n_blocks"] != n_blocks:
-            raise ValueError(f"The swarm serves {client.info['n_blocks']} blocks, the model has {n_blocks}")
-        # the blocks live in the swarm: build the model without them, then put the remote stand-in in their place
-        model = AutoModelForCausalLM.from_pretrained(folder, num_hidden_layers=0, **kwargs)
-    except BaseException:
-        client.close()
-        raise
+    with quiet_transformers():
+        folder, _ = resolve_folder(spec.model)
+        config = AutoConfig.from_pretrained(folder, **config_kwargs(model_kwargs))
+        if config.model_type != "llama":
+            raise ValueError(f"petals:// supports Llama-architecture models (model_type 'llama'), not "
+                             f"{config.model_type!r}: Petals 2.2 also serves BLOOM, Falcon and Mixtral, whose block "
+                             "lists distattr does not replace yet")
+        tokenizer = _local_tokenizer(folder, tokenizer, model_kwargs, tokenizer_kwargs)
+        n_blocks = config.num_hidden_layers
+        kwargs = dict(model_kwargs or {})
+        kwargs["dtype"] = (getattr(torch, dtype) if isinstance(dtype, str) else dtype) or torch.float32
+        logger.info("connecting to the Petals swarm (%s) for the blocks of %s", spec.dht_prefix, folder)
+        client = PetalsClient(spec, legacy_config(config), command=command)  # first: a bad swarm fails fast
+        try:
+            if client.info["n_blocks"] != n_blocks:
+                raise ValueError(f"The swarm serves {client.info['n_blocks']} blocks, the model has {n_blocks}")
+            # the blocks live in the swarm: build the model without them, then put the remote stand-in in their place
+            model = AutoModelForCausalLM.from_pretrained(folder, num_hidden_layers=0, **kwargs)
+        except BaseException:
+            client.close()
+            raise
     model.config.num_hidden_layers = n_blocks
     blocks = nn.ModuleList()
     blocks.add_module("remote", RemoteBlocks(client, n_blocks))
@@ -571,13 +514,22 @@ def load_remote(url: str, tokenizer=None, *, dtype=None, device=None, model_kwar
         model = model.to(device)
     model.eval()
     model.requires_grad_(False)
-    tokenizer = tokenizer if tokenizer is not None else folder
-    if isinstance(tokenizer, str):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer, **(tokenizer_kwargs or {}))
-    _fill_special_tokens(model, tokenizer)
+    fill_special_tokens(model, tokenizer)
     source = {"kind": "petals", "path": folder, "initial_peers": list(spec.initial_peers),
               "dht_prefix": spec.dht_prefix, "spans": [list(s) for s in client.info["spans"]]}
     return LoadedModel(model=model, tokenizer=tokenizer, name=url, source=source)
+
+
+def _local_tokenizer(folder: str, tokenizer, model_kwargs: dict | None, given_kwargs: dict | None):
+    """The tokenizer object: ``tokenizer`` as given, or loaded by its name, or (None) the local parts' own, read
+    with the hub keys of ``model_kwargs`` (see :func:`.sources.own_tokenizer_kwargs`)."""
+    from transformers import AutoTokenizer
+
+    if tokenizer is None:
+        return AutoTokenizer.from_pretrained(folder, **own_tokenizer_kwargs(model_kwargs, given_kwargs))
+    if isinstance(tokenizer, str):
+        return AutoTokenizer.from_pretrained(tokenizer, **(given_kwargs or {}))
+    return tokenizer
 
 
 def _decoder(model: nn.Module) -> nn.Module:
@@ -586,19 +538,3 @@ def _decoder(model: nn.Module) -> nn.Module:
         raise ValueError(f"Cannot find the decoder blocks of {type(model).__name__} to serve them through Petals")
     return decoder
 
-
-def check_remote_method(method: str, method_args: dict | None = None) -> None:
-    """Refuse, with a clear error, a method that needs the inside of blocks that run on Petals servers."""
-    from ..methods import get_method
-
-    kind = get_method(method).kind
-    if kind == "internals":
-        raise ValueError(f"{method!r} reads attention weights or activations inside the transformer blocks, which "
-                         "run on remote Petals servers; use a gradient or perturbation method with a petals:// model")
-    target = (method_args or {}).get("target_layer")
-    targets = [target] if isinstance(target, str) else list(target or ())
-    names = [n.strip() for name in targets for n in name.split(",")]
-    inside = [n for n in names if ".layers." in f".{n}."]
-    if kind == "layer" and inside:
-        raise ValueError(f"target_layer {inside} is inside the remote Petals blocks; with a petals:// model a layer "
-                         "method can target the embeddings (the default) or the final norm")

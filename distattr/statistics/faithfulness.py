@@ -171,9 +171,9 @@ def _request(model, token_budget: int | None):
 
 
 def _baseline_id(tokenizer) -> int:
-    from ..engine import _unk_id
+    from ..engine import unk_id
 
-    return _unk_id(tokenizer)
+    return unk_id(tokenizer)
 
 
 def _probabilities(request, rows: list[tuple], targets: list[np.ndarray]) -> list[np.ndarray]:

@@ -7,7 +7,7 @@ import base64
 import html
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 MAX_TABLE_ROWS = 40
@@ -41,7 +41,7 @@ def render_report(title: str, sections: Sequence[Section], facts: dict | None = 
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>"]
-    facts = {**(facts or {}), "generated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    facts = {**(facts or {}), "generated": datetime.now(UTC).isoformat(timespec="seconds")}
     parts.append('<p class="meta">' + " · ".join(f"<b>{html.escape(str(k))}</b>: {html.escape(str(v))}"
                                                    for k, v in facts.items()) + "</p>")
     for section in sections:

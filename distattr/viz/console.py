@@ -6,6 +6,10 @@ generated tokens (headed by their target position), step scores are extra rows a
 coolwarm scale ``[-m, m]``, ``m = max(0, nanmax)`` over every example shown (red positive, blue negative).
 Columns that do not fit the console width are split over several tables; the last table's caption gives
 the colour scale.
+
+Tokens are shown as people read them (:func:`~distattr.viz.common.display_token`: ``Ġ``/``▁`` as spaces, ``↵``
+for a line break, byte-level pieces decoded). A terminal has no hover: the raw pieces are the
+``SequenceAttribution`` tokens (``out[0].target_tokens``) and the saved JSON.
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ from __future__ import annotations
 import math
 
 from rich import box
+from rich.cells import cell_len
 from rich.color import Color
 from rich.console import Console
 from rich.style import Style
 from rich.table import Column, Table
 from rich.text import Text
 
-from .common import Block, aggregated, blocks, color_limit, scaled, token_label
+from .common import Block, aggregated, blocks, color_limit, scaled
 
 # matplotlib's "coolwarm" (Inseq's console colormap) sampled at 9 evenly spaced points
 COOLWARM = ((59, 76, 192), (98, 130, 234), (141, 176, 254), (185, 208, 249), (221, 220, 220), (245, 196, 172),
@@ -69,16 +74,16 @@ def show_console(out, normalize: bool = True, rescale: bool = False, step_scores
 def heatmap_tables(block: Block, limit: float, width: int, title: str = "") -> list[Table]:
     """The tables showing ``block``, its columns split so that each table fits ``width`` characters."""
     n_rows = 0 if block.scores is None else block.scores.shape[0]
-    labels = [token_label(t) for t in block.rows]
     index_width = len(str(max(n_rows - 1, 0)))
-    label_width = min(max([len(x) for x in labels] + [len(k) for k in block.step_scores] + [1]), MAX_LABEL_WIDTH)
+    label_width = min(max([cell_len(x) for x in block.row_labels] + [len(k) for k in block.step_scores] + [1]),
+                      MAX_LABEL_WIDTH)
     cells = [[fmt(float(v)) for v in block.scores[:, c]] if block.scores is not None else []
              for c in range(len(block.columns))]
     step_cells = {name: [fmt(float(v)) for v in values] for name, values in block.step_scores.items()}
     col_widths = []
-    for c, token in enumerate(block.columns):
+    for c, label in enumerate(block.column_labels):
         texts = cells[c] + [vals[c] for vals in step_cells.values() if c < len(vals)]
-        col_widths.append(max([len(str(block.positions[c])), min(len(token_label(token)), MAX_COLUMN_WIDTH), 4]
+        col_widths.append(max([len(str(block.positions[c])), min(cell_len(label), MAX_COLUMN_WIDTH), 4]
                               + [len(t) for t in texts]))
     # rich: each column takes its width + 2 (padding) and there is one rule per column plus the right edge
     fixed = (index_width + 2) + (label_width + 2) + 3
@@ -119,14 +124,14 @@ def _table(block: Block, chunk: list[int], col_widths, index_width, label_width,
                Column(header=Text(""), justify="right", width=label_width, overflow="fold")]
     for c in chunk:
         header = Text(f"{block.positions[c]}\n", style="dim")
-        header.append(token_label(block.columns[c]), style="bold")
+        header.append(block.column_labels[c], style="bold")
         columns.append(Column(header=header, justify="center", width=col_widths[c], overflow="fold"))
     table = Table(*columns, title=Text(title) if title else None, box=box.HEAVY_HEAD, padding=(0, 1),
                   caption=_caption(limit) if last else None)
     if block.scores is not None:
         n_rows = block.scores.shape[0]
         for r in range(n_rows):
-            row = [Text(str(r), style="dim"), Text(token_label(block.rows[r]), style="bold")]
+            row = [Text(str(r), style="dim"), Text(block.row_labels[r], style="bold")]
             for c in chunk:
                 value = float(block.scores[r, c])
                 style = Style() if math.isnan(value) else Style(color=Color.from_rgb(*coolwarm(value, limit)))

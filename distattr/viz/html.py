@@ -14,6 +14,9 @@ rescaled by the example's largest |score|, raw), a readout of the hovered cell, 
 column headers. The initial display can also be picked with the URL fragment ``#raw``, ``#rescaled`` or
 ``#normalized``. "Raw" means token-level scores as stored, averaged over extra dims (layers, heads) if any.
 
+Tokens are shown as people read them (:func:`~distattr.viz.common.display_token`: ``Ġ``/``▁`` as spaces, ``↵``
+for a line break, byte-level pieces decoded); each token header's ``title`` (hover) holds its raw piece.
+
 Long sequences stay readable: each table scrolls inside its box with the column headers, the token column
 and the step-score rows kept in view; tables with more than ``COMPACT_COLUMNS`` columns
 use compact cells (colour only, vertical column headers; the "numbers" switch shows the values again).
@@ -24,11 +27,14 @@ from __future__ import annotations
 
 import math
 from html import escape
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..results import SequenceAttribution
 from .common import Block, aggregated, blocks, color_limit, scaled, sequences_of, token_label
+
+if TYPE_CHECKING:  # distattr.results imports the views (out.show()): types only here
+    from ..results import SequenceAttribution
 
 RED = (178, 24, 43)
 BLUE = (33, 102, 172)
@@ -82,8 +88,9 @@ CSS = """
   border-right: 1px solid var(--line); font-weight: 600; }
 .distattr .heatmap thead th.corner { left: 0; z-index: 3; border-right: 1px solid var(--line); text-align: right;
   color: var(--muted); font-weight: 400; font-size: 11px; }
-.distattr .tok { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12px; }
-.distattr thead .tok { display: block; max-width: 9em; white-space: normal; word-break: break-all; }
+.distattr .tok { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12px;
+  white-space: pre; }
+.distattr thead .tok { display: block; max-width: 9em; white-space: pre-wrap; word-break: break-all; }
 .distattr .pos { display: block; color: var(--muted); font-weight: 400; font-size: 10.5px; }
 .distattr th.row .tok { display: inline-block; max-width: 16em; overflow: hidden; text-overflow: ellipsis;
   vertical-align: bottom; }
@@ -299,22 +306,23 @@ def _controls(mode: str, compact: bool) -> str:
             f'{numbers}<span class="readout"></span></div>\n')
 
 
-def _token_html(position: int, token: str) -> str:
-    return f'<span class="pos">{position}</span><span class="tok">{escape(token_label(token))}</span>'
+def _token_html(position: int, label: str) -> str:
+    """A token header's content: its position and the token as shown (``label``)."""
+    return f'<span class="pos">{position}</span><span class="tok">{escape(label)}</span>'
 
 
 def _block_html(block: Block, normalized: Block, raw: Block, limit: float, mode: str) -> str:
     """One table; ``normalized`` and ``raw`` are the same block in the other displays (for the switch)."""
     compact = len(block.columns) > COMPACT_COLUMNS
     head = ['<tr><th class="corner">' + ("attributed ↓ / generated →" if block.scores is not None else "") + "</th>"]
-    for pos, tok in zip(block.positions, block.columns, strict=True):
+    for pos, tok, label in zip(block.positions, block.columns, block.column_labels, strict=True):
         head.append(f'<th class="col" title="{pos} {escape(token_label(tok))}"><span class="lab">'
-                    f"{_token_html(pos, tok)}</span></th>")
+                    f"{_token_html(pos, label)}</span></th>")
     head.append("</tr>")
     rows = []
     if block.scores is not None:
-        for r, tok in enumerate(block.rows):
-            cells = [f'<tr><th class="row" title="{r} {escape(token_label(tok))}">{_token_html(r, tok)}</th>']
+        for r, (tok, label) in enumerate(zip(block.rows, block.row_labels, strict=True)):
+            cells = [f'<tr><th class="row" title="{r} {escape(token_label(tok))}">{_token_html(r, label)}</th>']
             for c in range(len(block.columns)):
                 value = float(block.scores[r, c])
                 if math.isnan(value):
@@ -322,7 +330,7 @@ def _block_html(block: Block, normalized: Block, raw: Block, limit: float, mode:
                     continue
                 background, dark = cell_color(value, limit)
                 raw_value, norm_value = exact(raw.scores[r, c]), exact(normalized.scores[r, c])
-                where = escape(f"{token_label(tok)} → {token_label(block.columns[c])}")
+                where = escape(f"{label} → {block.column_labels[c]}")
                 extra = "" if mode == "raw" else f"&#10;raw {raw_value}"
                 cells.append(f'<td class="c{" dark" if dark else ""}" style="background:{background}" '
                              f'title="{exact(value)}&#10;{where}{extra}" data-r="{raw_value}" '
@@ -342,7 +350,7 @@ def _block_html(block: Block, normalized: Block, raw: Block, limit: float, mode:
             strong = " strong" if abs(value) >= STEP_SCORE_BOLD else ""
             shade = f"rgba(110,119,129,{0.35 * min(abs(value) / top, 1.0):.3f})" if math.isfinite(value) else "#fff"
             cells.append(f'<td class="s{strong}" style="background-image:linear-gradient({shade},{shade})" '
-                         f'title="{exact(value)}&#10;{escape(name)} of {escape(token_label(block.columns[c]))}">'
+                         f'title="{exact(value)}&#10;{escape(name)} of {escape(block.column_labels[c])}">'
                          f"{fmt(value)}</td>")
         cells.append("</tr>")
         steps.append("".join(cells))

@@ -10,6 +10,8 @@ Inseq (the largest |score| when every score is <= 0), shared by all the examples
 (future tokens) are left blank (lightly hatched). The figure grows with the sequence up to ``MAX_SIDE``
 inches; past that the cells shrink and only every k-th token is labelled so that labels stay legible.
 Values are written in the cells when they are large enough (``annotate=None``) or on request.
+Tokens are labelled as people read them (:func:`~distattr.viz.common.display_token`: ``Ġ``/``▁`` as spaces, ``↵``
+for a line break, byte-level pieces decoded); the raw pieces are the ``SequenceAttribution`` tokens.
 
 matplotlib is an optional dependency: ``pip install 'distattr[viz]'``. Figures are built without pyplot
 (no GUI backend, no global state) and saved with the format given by the file name (PNG, PDF, SVG, ...).
@@ -25,11 +27,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..results import SequenceAttribution
-from .common import aggregated, blocks, color_limit, sequences_of, token_label
+from .common import aggregated, blocks, color_limit, sequences_of
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # distattr.results imports the views (out.show()): types only here
     from matplotlib.figure import Figure
+
+    from ..results import SequenceAttribution
 
 MAX_CELL = 0.42  # inches per cell when the sequence is short
 MAX_SIDE = 30.0  # inches of cells at most along either axis
@@ -89,8 +92,8 @@ def plot_figure(seq: SequenceAttribution, normalize: bool = True, rescale: bool 
     pt_y, every_y = _label_size(cell_y)
     pt_x, every_x = _label_size(cell_x)
     annotate = min(cell_x, cell_y) >= ANNOTATE_MIN_CELL if annotate is None else annotate
-    row_labels = [_label(t) for b in heatmaps for t in b.rows] + list(steps)
-    col_labels = [_label(t) for t in parts[0].columns]
+    row_labels = [_label(t) for b in heatmaps for t in b.row_labels] + list(steps)
+    col_labels = [_label(t) for t in parts[0].column_labels]
     left = 0.35 + _text_width(row_labels, max(pt_y, _label_size(step_cell)[0])) + (0.3 if len(heatmaps) > 1 else 0)
     top = 0.25 + _text_width(col_labels, pt_x) + (0.35 if title else 0)
     width = left + cell_x * n_cols + 1.1  # + colour bar
@@ -109,7 +112,7 @@ def plot_figure(seq: SequenceAttribution, normalize: bool = True, rescale: bool 
         ax.patch.set_edgecolor(HATCH)
         image = ax.imshow(np.ma.masked_invalid(block.scores), cmap=colormap, norm=norm, aspect="auto",
                           interpolation="nearest")
-        _ticks(ax, "y", [_label(t) for t in block.rows], every_y, pt_y)
+        _ticks(ax, "y", [_label(t) for t in block.row_labels], every_y, pt_y)
         if k == 0:
             _ticks(ax, "x", col_labels, every_x, pt_x, top=True)
         else:
@@ -159,8 +162,8 @@ def _text_width(labels: list[str], size: float) -> float:
     return size * 0.62 / 72 * max((len(x) for x in labels), default=1)
 
 
-def _label(token: str) -> str:
-    label = token_label(token)
+def _label(label: str) -> str:
+    """A token as shown (``Block.row_labels``), cut to :data:`MAX_LABEL_CHARS`."""
     return label if len(label) <= MAX_LABEL_CHARS else label[: MAX_LABEL_CHARS - 1] + "…"
 
 
