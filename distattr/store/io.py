@@ -11,13 +11,24 @@ import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC
 
 import numpy as np
 
 from ..results import SequenceAttribution
 from .errors import StorageFatal, StoreBusy, StoreError
 from .faults import RetryCount, one_line, retrying
-from .layout import FORMAT, SLOT_INFO, STATUS_FAILED, STATUS_OK, VERSION, Schema, array_specs
+from .layout import (
+    FORMAT,
+    READ_VERSIONS,
+    SLOT_INFO,
+    STATUS_FAILED,
+    STATUS_OK,
+    VERSION,
+    Schema,
+    array_specs,
+    dim_coordinates,
+)
 
 __all__ = ["SlotFailure", "SlotResult", "SlotStates", "StorageFatal", "StoreBusy", "StoreError", "create",
            "done_cells", "done_units", "exists", "failure_list", "failures", "open_group", "read_header",
@@ -57,15 +68,16 @@ def read_header(url: str, storage_options: dict | None = None) -> dict:
     if attrs.get("format") != FORMAT:
         raise StoreError(f"{url} is a Zarr group but not a distattr store (no format={FORMAT!r} attribute); "
                          "choose another --store path")
-    if attrs.get("version") != VERSION:
+    if attrs.get("version") not in READ_VERSIONS:
         raise StoreError(f"{url} is a distattr store of layout version {attrs.get('version')}; this distattr "
-                         f"reads version {VERSION}")
+                         f"reads versions {', '.join(map(str, READ_VERSIONS))}")
     return attrs
 
 
 def create(url: str, schema: Schema, identity: dict, provenance: dict, storage_options: dict | None = None,
            overwrite: bool = False, *, unit_parts: Sequence[int] | None = None):
-    """Create an empty store (status "writing") with every array of ``schema``.
+    """Create an empty store (status "writing") with every array of ``schema``, the extra dims' coordinates
+    written and the metadata consolidated (what plain ``xarray.open_zarr`` needs: :mod:`~distattr.store.layout`).
 
     ``unit_parts``: ``[n_units]`` the number of parts of each unit (1 .. ``schema.max_parts``), from the driver's
     survey; a unit is complete once that many parts are marked done. None means one part per unit (a store
@@ -89,10 +101,27 @@ def create(url: str, schema: Schema, identity: dict, provenance: dict, storage_o
         for spec in array_specs(schema):
             group.create_array(spec.name, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype,
                                fill_value=spec.fill, dimension_names=spec.dimension_names,
-                               compressors=None if spec.dtype is str else ZstdCodec(level=3))
+                               attributes=spec.attributes, compressors=ZstdCodec(level=3))
     group["unit_parts"][:] = parts.astype(np.int16)
+    for dim, values in dim_coordinates(schema).items():
+        group[dim][:] = values
+    group = _consolidated(group)
     group.attrs.update({"status": "writing"})
     return group
+
+
+def _consolidated(group):
+    """The group with every array's metadata copied into its ``zarr.json`` (readers then open the store with one
+    read, and ``xarray.open_zarr`` finds it without a warning); the group as it is on a store that cannot hold
+    consolidated metadata. The arrays' metadata never changes after :func:`create`, so the copy stays true, and
+    root attribute updates keep it."""
+    import zarr
+
+    if not getattr(group.store, "supports_consolidated_metadata", True):
+        return group
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr warns that consolidated metadata is not in the v3 spec (readers skip it)
+        return zarr.consolidate_metadata(group.store, path=group.path or None, zarr_format=3)
 
 
 def identity_differences(stored: dict, wanted: dict) -> list[str]:
@@ -502,6 +531,6 @@ def _info_meta(info: dict, j: int) -> dict:
 
 def now_utc() -> str:
     """The time stamps of store attributes: UTC, ISO 8601, seconds."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")

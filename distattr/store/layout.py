@@ -26,6 +26,7 @@ Arrays (N = n_units * unit_size slots, S = max_source, T = max_target, K = max_s
 ``done``                    [U, P] int8         1 once part p of unit u is written (chunks of one cell)
 ``unit_parts``              [U] int16           how many parts unit u has (set by ``create``; 4096 a chunk)
 ``part_error``              [U, P] str          why part p > 0 of a split unit failed (chunks of one cell)
+``layer``, ``head``...      [D_i] str / int64   each extra dim's labels, a coordinate (set by ``create``)
 ==========================  ==================  =====================================================
 
 What a reader may trust: ``done`` is the only truth. Unit ``u`` is *complete* when ``done[u, p]`` is set for every
@@ -40,6 +41,36 @@ driver that holds the store (:mod:`distattr.store.lease`).
 Root attributes: ``format``, ``version``, ``status`` ("writing" until every unit is done, then "complete"),
 ``identity`` (what the values depend on: a store is only resumed by the same identity), ``provenance``
 (versions, model description, times) and ``schema`` (this layout's sizes).
+
+Reading without distattr. A store is plain Zarr v3 that ``xarray.open_zarr(path)`` (default arguments) and
+``zarr.open(path, mode="r")`` read with no distattr import and no extra codecs:
+
+- every array names its dims (Zarr v3 ``dimension_names``): ``slot``, ``source_token``, ``target_token``, ``step``,
+  the method's extra dims (``layer``, ``head``...), and ``unit``, ``part`` for the arrays over units; a dim
+  has the same length in every array that has it;
+- each extra dim has a coordinate array named like it (``[size]``, written by ``create``): the method's labels,
+  e.g. module names, or int64 indices where the labels are ``"0", "1", ...`` or absent (:func:`dim_coordinates`);
+- ``example_index`` and ``example_id`` are coordinates of every per-slot array (the CF ``coordinates``
+  attribute, which xarray decodes);
+- strings are Zarr v3 ``string`` (variable-length UTF-8, codec ``vlen-utf8`` then ``zstd``), read by
+  zarr-python >= 3 and xarray as numpy strings; the metadata is consolidated into the root ``zarr.json``
+  (``must_understand: false``: readers that do not know it read each array's own metadata).
+
+Slots are *not* in dataset order: the planner sorts examples by length within windows of units
+(:mod:`distattr.jobs.plan`; :func:`~distattr.statistics.synthetic.write_synthetic_store` sorts within slabs;
+only :func:`~distattr.store.io.save_outputs` keeps dataset order), so ``example_index`` (the dataset position) is
+the key to sort or select by. A slot that is empty or not written yet reads as its fill: ``example_index`` -1,
+``status`` 0, ints -1, floats NaN, strings "". A plain reader keeps the slots that hold a result, in dataset
+order, with the rules above (for a complete store, ``status == 1`` and no ``part_error`` of the unit suffice)::
+
+    ds = xarray.open_zarr(path)
+    unit_ok = (ds.done.sum("part") >= ds.unit_parts) & ~(ds.part_error != "").any("part")
+    ok = numpy.repeat(unit_ok.values, ds.attrs["schema"]["unit_size"]) & (ds.status.values == 1)
+    examples = ds.isel(slot=numpy.flatnonzero(ok)).sortby("example_index")
+
+Layout versions: 3 added the extra dims' coordinate arrays, the ``coordinates`` attributes, Zstd on string
+arrays and consolidated metadata; version 2 stores (no coordinate arrays) are still read, and resumed as
+version 2 (their arrays are written the same way).
 """
 
 from __future__ import annotations
@@ -50,12 +81,15 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 FORMAT = "distattr.store"
-VERSION = 2
+VERSION = 3
+READ_VERSIONS = (2, 3)  # layouts this distattr reads (and resumes: version 2 arrays are written the same way)
 CHUNK_BYTES = 8 << 20  # most uncompressed bytes per chunk of an attribution array
 SLOT_INFO = ("example_index", "example_id", "meta", "n_source", "n_target", "attr_pos_start", "attr_pos_end",
              "status", "error")
 UNIT_PARTS_CHUNK = 4096  # units per chunk of ``unit_parts``
 STATUS_EMPTY, STATUS_OK, STATUS_FAILED = 0, 1, 2
+SLOT_COORDS = ("example_index", "example_id")  # coordinates of every per-slot array (CF ``coordinates``)
+BASE_DIMS = ("slot", "source_token", "target_token", "step", "unit", "part")
 
 
 @dataclass(frozen=True)
@@ -104,6 +138,11 @@ class ArraySpec:
     dtype: object
     fill: object
     dimension_names: tuple[str, ...]
+    coords: tuple[str, ...] = ()  # the array's non-dimension coordinates (its ``coordinates`` attribute)
+
+    @property
+    def attributes(self) -> dict:
+        return {"coordinates": " ".join(self.coords)} if self.coords else {}
 
 
 def matrix_chunks(schema: Schema, tokens: int) -> tuple[int, ...]:
@@ -123,37 +162,60 @@ def matrix_chunks(schema: Schema, tokens: int) -> tuple[int, ...]:
 UNIT_ARRAYS = ("done", "unit_parts", "part_error")  # the arrays over units, not slots
 
 
+def dim_coordinates(schema: Schema) -> dict[str, np.ndarray]:
+    """The coordinate of each extra dim (``{"layer": [...], "head": [...]}``): its labels as strings, or int64
+    indices where the labels are absent or are the indices written out (``"0", "1", ...``, e.g. attention's
+    layers and heads)."""
+    out = {}
+    for axis, (dim, size) in enumerate(zip(schema.dims, schema.dim_sizes, strict=True)):
+        labels = tuple(schema.dim_labels[axis]) if axis < len(schema.dim_labels) else ()
+        if len(labels) != size or labels == tuple(str(j) for j in range(size)):
+            out[dim] = np.arange(size, dtype=np.int64)
+        else:
+            out[dim] = np.array(labels, dtype=object)
+    return out
+
+
 def array_specs(schema: Schema) -> list[ArraySpec]:
-    """Every array of a store with this schema."""
+    """Every array of a store with this schema; the extra dims' coordinate arrays (:func:`dim_coordinates`) last."""
     n, k, s, t, c = schema.n_slots, schema.unit_size, schema.max_source, schema.max_target, schema.steps_chunk
     steps = schema.max_steps
     dim_names = tuple(schema.dims)
+    co = SLOT_COORDS
     specs = [
         ArraySpec("example_index", (n,), (k,), "int64", -1, ("slot",)),
         ArraySpec("example_id", (n,), (k,), str, "", ("slot",)),
-        ArraySpec("status", (n,), (k,), "int8", STATUS_EMPTY, ("slot",)),
-        ArraySpec("error", (n,), (k,), str, "", ("slot",)),
-        ArraySpec("meta", (n,), (k,), str, "", ("slot",)),
-        ArraySpec("n_source", (n,), (k,), "int32", -1, ("slot",)),
-        ArraySpec("n_target", (n,), (k,), "int32", -1, ("slot",)),
-        ArraySpec("attr_pos_start", (n,), (k,), "int32", -1, ("slot",)),
-        ArraySpec("attr_pos_end", (n,), (k,), "int32", -1, ("slot",)),
-        ArraySpec("source_ids", (n, s), (k, s), "int32", -1, ("slot", "source_token")),
-        ArraySpec("source_tokens", (n, s), (k, s), str, "", ("slot", "source_token")),
-        ArraySpec("target_ids", (n, t), (k, t), "int32", -1, ("slot", "target_token")),
-        ArraySpec("target_tokens", (n, t), (k, t), str, "", ("slot", "target_token")),
+        ArraySpec("status", (n,), (k,), "int8", STATUS_EMPTY, ("slot",), co),
+        ArraySpec("error", (n,), (k,), str, "", ("slot",), co),
+        ArraySpec("meta", (n,), (k,), str, "", ("slot",), co),
+        ArraySpec("n_source", (n,), (k,), "int32", -1, ("slot",), co),
+        ArraySpec("n_target", (n,), (k,), "int32", -1, ("slot",), co),
+        ArraySpec("attr_pos_start", (n,), (k,), "int32", -1, ("slot",), co),
+        ArraySpec("attr_pos_end", (n,), (k,), "int32", -1, ("slot",), co),
+        ArraySpec("source_ids", (n, s), (k, s), "int32", -1, ("slot", "source_token"), co),
+        ArraySpec("source_tokens", (n, s), (k, s), str, "", ("slot", "source_token"), co),
+        ArraySpec("target_ids", (n, t), (k, t), "int32", -1, ("slot", "target_token"), co),
+        ArraySpec("target_tokens", (n, t), (k, t), str, "", ("slot", "target_token"), co),
         ArraySpec("done", (schema.n_units, schema.max_parts), (1, 1), "int8", 0, ("unit", "part")),
         ArraySpec("unit_parts", (schema.n_units,), (min(UNIT_PARTS_CHUNK, schema.n_units),), "int16", 0, ("unit",)),
         ArraySpec("part_error", (schema.n_units, schema.max_parts), (1, 1), str, "", ("unit", "part")),
     ]
     if schema.source_attributions:
         specs.append(ArraySpec("source_attributions", (n, s, steps, *schema.dim_sizes), matrix_chunks(schema, s),
-                               "float32", np.nan, ("slot", "source_token", "step", *dim_names)))
+                               "float32", np.nan, ("slot", "source_token", "step", *dim_names), co))
     if schema.target_attributions:
         specs.append(ArraySpec("target_attributions", (n, t, steps, *schema.dim_sizes), matrix_chunks(schema, t),
-                               "float32", np.nan, ("slot", "target_token", "step", *dim_names)))
+                               "float32", np.nan, ("slot", "target_token", "step", *dim_names), co))
     for name in schema.step_scores:
-        specs.append(ArraySpec(f"score_{name}", (n, steps), (k, c), "float32", np.nan, ("slot", "step")))
+        specs.append(ArraySpec(f"score_{name}", (n, steps), (k, c), "float32", np.nan, ("slot", "step"), co))
     if schema.deltas:
-        specs.append(ArraySpec("deltas", (n, steps), (k, c), "float32", np.nan, ("slot", "step")))
+        specs.append(ArraySpec("deltas", (n, steps), (k, c), "float32", np.nan, ("slot", "step"), co))
+    taken = {spec.name for spec in specs} | set(BASE_DIMS)
+    clash = sorted(set(dim_names) & taken)
+    if clash or len(set(dim_names)) != len(dim_names):
+        raise ValueError(f"extra dims {dim_names} must be distinct and differ from the store's arrays and dims "
+                         f"{sorted(taken)}; clash: {clash or 'a repeated name'}")
+    for dim, values in dim_coordinates(schema).items():
+        dtype, fill = (str, "") if values.dtype == object else ("int64", -1)
+        specs.append(ArraySpec(dim, values.shape, (max(len(values), 1),), dtype, fill, (dim,)))
     return specs

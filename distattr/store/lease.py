@@ -23,7 +23,7 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from .errors import StoreBusy
 
@@ -136,7 +136,7 @@ def _write(fs, path: str, record: dict) -> None:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def _age_s(record: dict) -> float:
@@ -145,8 +145,8 @@ def _age_s(record: dict) -> float:
     except ValueError:
         return float("inf")
     if beat.tzinfo is None:
-        beat = beat.replace(tzinfo=timezone.utc)
-    return (datetime.now(timezone.utc) - beat).total_seconds()
+        beat = beat.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - beat).total_seconds()
 
 
 def _alive(pid: int) -> bool:

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..results import AttributionOutput, SequenceAttribution
 from .io import SlotStates, exists, failure_list, open_group, read_header, slot_states
-from .layout import UNIT_ARRAYS, Schema
+from .layout import UNIT_ARRAYS, Schema, dim_coordinates
 
 
 class Store:
@@ -150,18 +150,21 @@ class Store:
         kept with ``include_failed``; with ``examples_only=False`` the raw ``slot`` axis, every slot included, to be
         judged by :attr:`valid_slots`), ``source_token``/``target_token`` (padded, NaN beyond each example's
         ``n_source``/``n_target``), ``step`` (column ``c`` explains target position ``attr_pos_start + c``) and the
-        method's extra dims (``layer``, ``head``...). Coordinates: ``example_id``, ``example_index``; ``status``
+        method's extra dims (``layer``, ``head``...). Coordinates: ``example_id``, ``example_index`` and each extra
+        dim's labels (:func:`~distattr.store.layout.dim_coordinates`: int64 indices or label strings); ``status``
         (1 ok, 2 failed) and ``error`` are variables.
+
+        ``xarray.open_zarr(url)`` without distattr gives the same arrays over ``slot`` (see
+        :mod:`distattr.store.layout`); this adds the done markers' verdict and the dataset order.
         """
         import xarray as xr
 
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = xr.open_zarr(self.group.store, group=self.group.path or None, zarr_format=3, consolidated=False)
+            warnings.simplefilter("ignore")  # a version 2 store has no consolidated metadata: xarray warns
+            ds = xr.open_zarr(self.group.store, group=self.group.path or None, zarr_format=3)
         ds = ds.drop_vars([n for n in UNIT_ARRAYS if n in ds]).set_coords(["example_id", "example_index"])
-        for dim, labels in zip(self.schema.dims, self.schema.dim_labels, strict=False):
-            if labels and len(labels) == ds.sizes.get(dim):
-                ds = ds.assign_coords({dim: list(labels)})
+        missing = {dim: values for dim, values in dim_coordinates(self.schema).items() if dim not in ds.coords}
+        ds = ds.assign_coords(missing)  # version 2 stores have no coordinate arrays
         ds.attrs = {"identity": json.dumps(self.identity), "status": self.attrs.get("status")}
         if not examples_only:
             return ds
