@@ -82,7 +82,16 @@ class RayHead:
 
 
 def actor_pids(name: str = "Attributor") -> list[int]:
-    """PIDs of live Ray actor processes of class ``name`` (Ray titles them ``ray::<Class>``)."""
+    """PIDs of live Ray actor processes of class ``name``: from the connected cluster's state API when this process
+    is connected (so that actors of another test session on the same machine are never counted), else every process
+    Ray titles ``ray::<Class>``."""
+    import ray
+
+    if ray.is_initialized():
+        from ray.util.state import list_actors
+
+        alive = list_actors(filters=[("class_name", "=", name), ("state", "=", "ALIVE")], raise_on_missing_output=False)
+        return [a.pid for a in alive if a.pid]
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
