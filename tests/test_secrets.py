@@ -73,6 +73,19 @@ def test_a_missing_env_variable_is_one_line_and_exit_2(monkeypatch, tmp_path, ca
                                        "variable DISTATTR_NOT_SET is not set\n")
 
 
+def test_stats_reads_env_storage_options_too(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("DISTATTR_NOT_SET", raising=False)
+    code = main(["stats", str(tmp_path / "s.zarr"), "--storage-option", "key=env:DISTATTR_NOT_SET"])
+    assert code == 2 and capsys.readouterr().err == ("distattr: error: --storage-option key=env:DISTATTR_NOT_SET: the "
+                                                      "environment variable DISTATTR_NOT_SET is not set\n")
+    seen = {}
+    monkeypatch.setenv("DISTATTR_TEST_SECRET", "s3cr3t-value")
+    monkeypatch.setattr("distattr.store.open_store", lambda path, options=None: seen.update(options) or 1 / 0)
+    main(["stats", "s3://bucket/s.zarr", "--storage-option", "secret=env:DISTATTR_TEST_SECRET"])
+    assert seen == {"secret": "s3cr3t-value"}
+    assert "s3cr3t-value" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("error, status, prefix", [(OSError, 1, "error: "), (ValueError, 2, "error: "),
                                                    (LookupError, 1, "internal error: LookupError: ")])
 def test_an_error_that_quotes_an_option_does_not_print_the_secret(monkeypatch, tmp_path, capsys, error, status,

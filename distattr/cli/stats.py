@@ -17,7 +17,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "--summaries/--by/--label-column/--faithfulness/--plots/--report, prints the per-example "
                     "summaries' overview and the attribution share by relative position.")
     p.add_argument("store", metavar="STORE", help="store path or URL (written by attribute-dataset)")
-    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE", help="fsspec option for a URL")
+    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                   help="fsspec option for a URL, repeatable; VALUE env:NAME reads the environment variable NAME "
+                        "(keeps secrets off the command line)")
     p.add_argument("--where", action="append", default=[], metavar="COND",
                    help="keep examples where FIELD=VALUE (also !=, <, <=, >, >=); fields: kept metadata fields, "
                         "n_source, n_target, n_steps, example_id; repeatable (= on one field: either value)")
@@ -113,13 +115,13 @@ def cmd_stats(args) -> int:
     from ..statistics.reductions import check_reduction, reduce_store
     from ..statistics.summaries import summarize, write_table
     from ..store import open_store
-    from .common import parse_pairs
+    from .common import fsspec_options, parse_pairs
 
     _check(args)
     where = parse_where(args.where)
     select = {k: v for k, v in parse_pairs(args.select, "--select").items()}
     reductions = _reductions(args)
-    store = open_store(args.store, parse_pairs(args.storage_option, "--storage-option") or None)
+    store = open_store(args.store, fsspec_options(args.storage_option, "--storage-option"))
     if not store.complete:
         _say(args, f"warning: {args.store} is incomplete (status {store.attrs.get('status')!r}): statistics cover "
                    "the examples written so far")
