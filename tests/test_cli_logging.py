@@ -10,6 +10,15 @@ import pytest
 from distattr.cli import global_options_first, main
 
 
+@pytest.fixture(autouse=True)
+def distattr_logger_restored():
+    logger = logging.getLogger("distattr")
+    level, handlers = logger.level, list(logger.handlers)
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+
+
 @pytest.mark.parametrize(("words", "level"), [
     (["methods"], logging.WARNING),
     (["-v", "methods"], logging.INFO),

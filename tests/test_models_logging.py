@@ -169,7 +169,8 @@ def test_configure_sends_distattr_records_to_stderr_and_leaves_the_root_logger_a
     logging.getLogger("distattr.models.loading").debug("loading %s", "tiny")
     err = capsys.readouterr().err
     assert "DEBUG distattr.models.loading: loading tiny" in err and "hidden" not in err
-    assert len(distattr_logger.handlers) == len(handlers) + 1
+    new = [h for h in distattr_logger.handlers if h not in handlers]
+    assert len(new) == 1 and len(distattr_logger.handlers) <= len(handlers) + 1  # one of its own, however often
     assert (logging.getLogger().level, list(logging.getLogger().handlers)) == root
 
 
