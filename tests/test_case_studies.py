@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import distattr
+from distattr.aggregate import pair_difference
 from distattr.casestudies import cat, gender_bias
 from distattr.casestudies.tokens import char_span_tokens
 from distattr.cli import main
@@ -190,14 +191,40 @@ def test_swap_pronoun_and_occupations_file(tmp_path):
     assert gender_bias.swap_pronoun("He is a doctor.", ("he", "she")) == ("he", "She is a doctor.")
     assert gender_bias.swap_pronoun("the shepherd said she", ("he", "she")) == ("she", "the shepherd said he")
     assert gender_bias.swap_pronoun("It is a doctor.", ("he", "she")) is None
-    english = gender_bias.load_occupations()
-    assert len(english) == 60 and english[0] == gender_bias.Occupation("technician", "technician", 40.34)
-    turkish = gender_bias.load_occupations(gender_bias.data_file("inseq_turkish_occupations_bls.tsv"), "turkish")
-    assert len(turkish) == 49 and turkish[0] == gender_bias.Occupation("teknisyen", "technician", 40.34)
     bad = tmp_path / "bad.tsv"
     bad.write_text("job\tshare\nnurse\t90\n")
     with pytest.raises(ValueError, match="missing column"):
         gender_bias.load_occupations(bad)
+    with pytest.raises(FileNotFoundError, match="paper, winogender"):
+        gender_bias.load_occupations(tmp_path / "nope.tsv")
+
+
+def test_the_paper_49_occupations_are_the_default_and_winogender_60_an_option():
+    paper = gender_bias.load_occupations()
+    assert paper == gender_bias.load_occupations("paper")
+    assert len(paper) == 49 and paper[0] == gender_bias.Occupation("technician", "technician", 40.34)
+    assert {"consultant", "scientist", "physician", "doctor"} <= {o.slot for o in paper}  # the English terms
+    turkish = gender_bias.load_occupations("paper", encoder_decoder=True)
+    assert [o.label for o in turkish] == [o.label for o in paper] and [o.pct_female for o in turkish] == [
+        o.pct_female for o in paper]
+    assert turkish[0] == gender_bias.Occupation("teknisyen", "technician", 40.34)
+    assert "bilim insanı" in {o.slot for o in turkish}  # multi-word: its first token is read
+    assert gender_bias.load_occupations("paper", "turkish") == turkish
+    winogender = gender_bias.load_occupations("winogender")
+    assert len(winogender) == 60 and winogender[0] == gender_bias.Occupation("technician", "technician", 40.34)
+    assert gender_bias.load_occupations("winogender", encoder_decoder=True) == winogender  # no Turkish column
+    assert {o.slot for o in paper} - {o.slot for o in winogender} == {"consultant"}  # joined on "counselor"
+
+
+def test_base_reference_is_the_distance_from_parity_and_the_paper_table_ships():
+    assert gender_bias.distance_from_parity([90.0, 10.0, 50.0, 37.9]) == [40.0, 40.0, 0.0, pytest.approx(12.1)]
+    paper = gender_bias.load_paper_table()
+    assert len(paper) == 14
+    assert paper[("probability", "y_pron", "gender_swap")] == ("-0.44", True)
+    assert paper[("saliency", "x_occ", "base")] == ("0.25", True)
+    assert paper[("saliency", "x_occ", "gender_swap")] == ("-0.00", False)
+    assert paper[("integrated_gradients", "x_pron", "base")] == ("-0.08", False)
+    assert paper[("input_x_gradient", "x_pron", "gender_swap")] == ("0.22", True)
 
 
 class _NoOffsets:
@@ -226,10 +253,10 @@ def test_char_span_tokens_with_and_without_offsets(tiny, kind):
 
 
 OCCUPATIONS = [gender_bias.Occupation(w, w, float(p)) for w, p in
-               (("cat", 10), ("dog", 75), ("house", 30), ("tower", 5), ("city", 60), ("paris", 90))]
+               (("cat", 10), ("dog", 75), ("big house", 30), ("tower", 5), ("city", 60), ("paris", 90))]
 
 
-def test_gender_bias_decoder_only_tables_are_consistent(tiny, tmp_path):
+def test_gender_bias_base_uses_distance_from_parity_and_swap_the_he_she_pair_difference(tiny, tmp_path):
     m = tiny("gpt2")
     s = gender_bias.run_gender_bias(m, tmp_path, occupations=OCCUPATIONS, template="the {occupation} said that",
                                     method_args={"integrated_gradients": {"n_steps": 4}}, show_progress=False)
@@ -243,19 +270,106 @@ def test_gender_bias_decoder_only_tables_are_consistent(tiny, tmp_path):
             ids = m.tokenizer(f"the {r['occupation']} said that", return_tensors="pt")["input_ids"]
             probs = m.model(ids).logits[0, -1].softmax(-1)
         assert he == pytest.approx(float(probs[m.tokenizer.convert_tokens_to_ids("he")]), rel=1e-4)
-        for method in gender_bias.METHODS:
-            assert 0.0 <= float(r[f"{method}_x_occ_he"]) <= 1.0
     pct = [o.pct_female for o in OCCUPATIONS]
+    parity = [abs(p - 50) for p in pct]
     base_p = [max(a, b) for a, b in zip(p_he, p_she, strict=True)]
-    swap_p = [min(a, b) for a, b in zip(p_he, p_she, strict=True)]
-    assert s.rows[0][1] == gender_bias.kendall(base_p, pct) and s.rows[0][2] == gender_bias.kendall(swap_p, pct)
+    assert s.rows[0][1] == gender_bias.kendall(base_p, parity) != gender_bias.kendall(base_p, pct)
+    assert [float(r["p_swap"]) for r in rows] == pytest.approx(p_he - p_she, rel=1e-5, abs=1e-9)
+    assert s.rows[0][2] == gender_bias.kendall(p_he - p_she, pct)
+    assert [r["occupation_first_token"] for r in rows] == ["cat", "dog", "big", "tower", "city", "paris"]
+    for k, method in enumerate(gender_bias.METHODS, start=1):
+        he_results, she_results = (_stored(s.files[f"results_gender_{method}_{p}"]) for p in ("he", "she"))
+        base, swap = [], []
+        for r, he, she in zip(rows, he_results, she_results, strict=True):
+            he, she = he.aggregate(), she.aggregate()  # Inseq's display normalisation, then the pair difference
+            diff = pair_difference(he, she, same_tokens=False)
+            paper_code = she.aggregate("pair", paired_attr=he)  # the paper's appendix: She paired with He
+            np.testing.assert_array_equal(paper_code.target_attributions, diff.target_attributions)
+            # row 1 = the occupation's first token ("big" of "big house"), column 0 = the pronoun
+            assert float(r[f"{method}_x_occ_he"]) == pytest.approx(float(he.target_attributions[1, 0]), rel=1e-5)
+            assert float(r[f"{method}_x_occ_swap"]) == pytest.approx(float(diff.target_attributions[1, 0]),
+                                                                    rel=1e-5, abs=1e-7)
+            base.append(float(r[f"{method}_x_occ_{r['base_pronoun']}"]))
+            swap.append(float(r[f"{method}_x_occ_swap"]))
+            if r["occupation"] == "big house":  # the first token, not the occupation's two tokens together
+                assert float(he.target_attributions[1, 0]) != pytest.approx(
+                    float(he.target_attributions[1:3, 0].sum()), rel=1e-3)
+        assert s.rows[k][1] == gender_bias.kendall(base, parity) and s.rows[k][2] == gender_bias.kendall(swap, pct)
     share = dict(s.fixed)["p(she) / (p(he) + p(she))"]
     assert share == gender_bias.kendall(p_she / (p_he + p_she), pct)
     table = s.files["table_md"].read_text()
-    assert "| ∇ x_occ |" in table and "GenderSwap" in table
-    assert len(_rows(s.files["table_csv"])) == 1 + 2 * len(s.rows) + len(s.fixed)
+    assert "| ∇ x_occ |" in table and "GenderSwap" in table and "| paper Base |" in table
     stored = _stored(s.files["results_gender_saliency_she"])
     assert len(stored) == 6 and stored[0].generated_tokens == ("she",)
+
+
+def test_table_3_2_csv_has_the_paper_cells_with_the_paper_values_and_the_model(tiny, tmp_path):
+    m = tiny("gpt2")
+    s = gender_bias.run_gender_bias(m, tmp_path, occupations=OCCUPATIONS, template="the {occupation} said that",
+                                    method_args={"integrated_gradients": {"n_steps": 2}}, show_progress=False)
+    rows = _dict_rows(s.files["table_3_2_csv"])
+    assert tuple(_rows(s.files["table_3_2_csv"])[0]) == gender_bias.TABLE_COLUMNS == (
+        "model", "occupations", "measure", "method", "token", "case", "reference", "tau", "p_value", "significant",
+        "n", "paper_tau", "paper_significant", "ig_delta_max", "ig_delta_mean", "ig_n_steps_max", "ig_not_converged")
+    assert [(r["measure"], r["token"], r["case"]) for r in rows] == [
+        ("p(y_pron)", "y_pron", "base"), ("p(y_pron)", "y_pron", "gender_swap")] + [
+        (label, token, case) for label in ("∇", "IG", "I×G") for token in ("x_pron", "x_occ")
+        for case in ("base", "gender_swap")]
+    assert {r["model"] for r in rows} == {s.model} == {"GPT2LMHeadModel"}
+    assert {r["occupations"] for r in rows} == {"given"}
+    paper = gender_bias.load_paper_table()
+    for r in rows:
+        assert (r["paper_tau"], r["paper_significant"] == "*") == paper[(r["method"], r["token"], r["case"])]
+        assert r["reference"] == ("|bls_pct_female - 50|" if r["case"] == "base" else "bls_pct_female")
+        if r["token"] == "x_pron":  # decoder-only: no source pronoun, so no value of ours
+            assert (r["tau"], r["p_value"], r["n"]) == ("", "", "0")
+        else:
+            assert r["n"] == "6" and r["significant"] == ("*" if float(r["p_value"]) < 0.05 else "")
+        ig = r["method"] == "integrated_gradients"
+        assert (r["ig_delta_max"] != "") == ig and (r["ig_n_steps_max"] != "") == ig
+    by_cell = {(c.method, c.token, c.case): c.tau for c in s.cells}
+    assert by_cell[("probability", "y_pron", "base")] == s.rows[0][1]
+    assert float(rows[1]["tau"]) == pytest.approx(s.rows[0][2].tau, rel=1e-5)
+    conv = s.convergence["integrated_gradients"]
+    ig_row = next(r for r in rows if r["method"] == "integrated_gradients")
+    assert float(ig_row["ig_delta_max"]) == pytest.approx(max(c.delta_max for c in conv.values()), rel=1e-5)
+    summary = json.loads(s.files["summary"].read_text())
+    assert summary["model"] == "GPT2LMHeadModel" and summary["model_info"]["model_class"] == "GPT2LMHeadModel"
+    assert len(summary["table_3_2"]) == 14 and summary["gender_swap"] == "he - she"
+    assert summary["convergence"]["integrated_gradients"]["she"]["delta_max"] == pytest.approx(conv["she"].delta_max)
+    assert summary["convergence"]["integrated_gradients"]["he"]["examples"] == 6
+
+
+def test_integrated_gradients_doubles_n_steps_until_every_delta_is_below_the_threshold(tiny):
+    m = tiny("marian")
+    inputs = ["it is a cat", "it is a big red house", "it is a dog"]
+    targets = ["she is a cat", "he is a big red house", "she is a dog"]
+
+    def max_delta(n: int, i: int) -> float:
+        seq = m.attribute([inputs[i]], [targets[i]], method="integrated_gradients", n_steps=n, show_progress=False)[0]
+        return float(np.abs(seq.deltas).max())
+
+    assert all(max_delta(1, i) >= 0.05 for i in range(3))  # the tiny model starts above the paper's threshold
+    out, conv = gender_bias.attribute_until_converged(m, inputs, targets, "integrated_gradients", {"n_steps": 1},
+                                                      show_progress=False)
+    assert conv.not_converged == 0 and conv.n_steps == tuple(out.info["n_steps_per_example"])
+    assert max(conv.n_steps) >= 4 and len(set(conv.n_steps)) > 1  # per example
+    for i, (seq, n) in enumerate(zip(out, conv.n_steps, strict=True)):
+        assert float(np.abs(seq.deltas).max()) < 0.05 <= max_delta(n // 2, i)  # the first n_steps that converged
+        assert conv.example_delta[i] == pytest.approx(float(np.abs(seq.deltas).max()))
+    every = np.concatenate([np.abs(seq.deltas) for seq in out])
+    assert (conv.delta_max, conv.delta_mean) == (pytest.approx(every.max()), pytest.approx(every.mean()))
+    # the cap: examples still above the threshold keep their last result and are counted
+    capped, at_cap = gender_bias.attribute_until_converged(m, inputs, targets, "integrated_gradients",
+                                                           {"n_steps": 1}, max_n_steps=2, show_progress=False)
+    assert at_cap.n_steps == (2, 2, 2) and at_cap.not_converged == 3 and at_cap.delta_max >= 0.05
+    assert at_cap.as_dict()["n_steps_counts"] == {"2": 3}
+    with pytest.raises(ValueError, match="max_n_steps"):
+        gender_bias.attribute_until_converged(m, inputs, targets, "integrated_gradients", {"n_steps": 8},
+                                              max_n_steps=4, show_progress=False)
+    assert gender_bias.reports_deltas("integrated_gradients")
+    assert not gender_bias.reports_deltas("integrated_gradients", {"return_convergence_delta": False})
+    assert not gender_bias.reports_deltas("saliency")
 
 
 def test_gender_bias_translation_path(tiny, tmp_path):
@@ -264,20 +378,48 @@ def test_gender_bias_translation_path(tiny, tmp_path):
     translations[0] = "it is a cat"  # no pronoun: left out
     s = gender_bias.run_gender_bias(m, tmp_path / "given", occupations=OCCUPATIONS, template="it is a {occupation}",
                                     source_pronoun="it", translations=translations,
-                                    methods=["saliency", "input_x_gradient"], show_progress=False)
+                                    method_args={"integrated_gradients": {"n_steps": 1}}, show_progress=False)
     assert s.encoder_decoder and s.base_counts == {"he": 3, "she": 2} and s.n_without_pronoun == 1
-    assert [r[0] for r in s.rows] == ["p(y_pron)", "∇ x_pron", "∇ x_occ", "I×G x_pron", "I×G x_occ"]
+    assert [r[0] for r in s.rows] == ["p(y_pron)", "∇ x_pron", "∇ x_occ", "IG x_pron", "IG x_occ", "I×G x_pron",
+                                      "I×G x_occ"]
     assert all(t.n == 5 for _, b, w in s.rows for t in (b, w))
     rows = _dict_rows(s.files["occupations_csv"])
     assert rows[1]["text_she"] == "she is a dog" and rows[1]["text_he"] == "he is a dog"
-    stored = _stored(s.files["results_gender_saliency_she"])
-    shown = stored[0].aggregate()
-    assert np.nansum(shown.source_attributions[:, 0]) == pytest.approx(1.0, rel=1e-5)  # shares over the source
+    assert rows[2]["occupation_first_token"] == "big" and rows[0]["p_swap"] == ""
+    for method in ("saliency", "input_x_gradient"):
+        # the stores hold the 5 occupations with a pronoun: their first one is "dog"
+        he, she = (_stored(s.files[f"results_gender_{method}_{p}"])[0].aggregate() for p in ("he", "she"))
+        assert np.nansum(she.source_attributions[:, 0]) == pytest.approx(1.0, rel=1e-5)  # shares over the source
+        diff = pair_difference(he, she, same_tokens=False)
+        # source rows: "it" (0) is x_pron, "dog" (3) x_occ; column 0 is the pronoun
+        assert float(rows[1][f"{method}_x_pron_swap"]) == pytest.approx(float(diff.source_attributions[0, 0]),
+                                                                       rel=1e-5, abs=1e-7)
+        assert float(rows[1][f"{method}_x_occ_swap"]) == pytest.approx(float(diff.source_attributions[3, 0]),
+                                                                      rel=1e-5, abs=1e-7)
+        assert float(rows[1][f"{method}_x_occ_she"]) == pytest.approx(float(she.source_attributions[3, 0]), rel=1e-5)
+    # integrated gradients ran until converged: this tiny model needs more than one step
+    conv = s.convergence["integrated_gradients"]
+    assert all(c.not_converged == 0 and c.delta_max < 0.05 for c in conv.values())
+    assert max(max(c.n_steps) for c in conv.values()) > 1
+    assert {r["integrated_gradients_n_steps_he"] for r in rows[1:]} - {""} and rows[0][
+        "integrated_gradients_n_steps_he"] == ""
+    table = _dict_rows(s.files["table_3_2_csv"])
+    ig = [r for r in table if r["method"] == "integrated_gradients"]
+    assert len(ig) == 4 and all(float(r["ig_delta_max"]) < 0.05 and r["ig_not_converged"] == "0" for r in ig)
     # without given translations the model translates; the tiny random model writes no pronoun
     s = gender_bias.run_gender_bias(m, tmp_path / "generated", occupations=OCCUPATIONS[:3],
                                     template="it is a {occupation}", methods=["saliency"], max_new_tokens=4,
                                     show_progress=False)
     assert s.n_without_pronoun + sum(s.base_counts.values()) == 3
+
+
+def test_gender_bias_named_occupation_set_and_limit(tiny, tmp_path):
+    s = gender_bias.run_gender_bias(tiny("gpt2"), tmp_path, occupations="winogender", limit=3, methods=["saliency"],
+                                    show_progress=False)
+    assert s.n_occupations == 3 and s.occupation_set == "winogender (first 3)"
+    assert [r["occupation"] for r in _dict_rows(s.files["occupations_csv"])] == [
+        "technician", "accountant", "supervisor"]
+    assert s.template == "The {occupation} said that"
 
 
 @pytest.fixture(scope="module")
@@ -300,10 +442,26 @@ def test_cli_case_studies(model_dir, tmp_path, capsys):
     occupations.write_text("occupation\tbls_pct_female\n" + "".join(f"{o.slot}\t{o.pct_female}\n"
                                                                    for o in OCCUPATIONS))
     code = main(["case-study", "gender-bias", "--model", model_dir, "--occupations", str(occupations), "--template",
-                 "the {occupation} said that", "--n-steps", "4", "--output", str(tmp_path / "gb"), "--quiet"])
+                 "the {occupation} said that", "--n-steps", "2", "--max-n-steps", "8", "--delta-threshold", "0.001",
+                 "--output", str(tmp_path / "gb"), "--quiet"])
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "| IG x_occ |" in out.out and (tmp_path / "gb" / "gender_bias_table.md").read_text() == out.out
+    assert {p.name for p in (tmp_path / "gb").iterdir()} >= {
+        "table_3_2.csv", "gender_bias_table.md", "gender_bias_summary.json", "gender_bias_occupations.csv"}
+    summary = json.loads((tmp_path / "gb" / "gender_bias_summary.json").read_text())
+    runs = summary["convergence"]["integrated_gradients"]
+    assert {r["threshold"] for r in runs.values()} == {0.001} and {r["max_n_steps"] for r in runs.values()} == {8}
+    assert summary["model"] == model_dir and summary["occupations"] == str(occupations)  # the model as loaded
+    code = main(["case-study", "gender-bias", "--model", model_dir, "--occupations", "winogender", "--limit", "2",
+                 "--methods", "saliency", "--output", str(tmp_path / "gb60"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    rows = _dict_rows(tmp_path / "gb60" / "table_3_2.csv")
+    assert {r["occupations"] for r in rows} == {"winogender (first 2)"} and {r["model"] for r in rows} == {model_dir}
+    capsys.readouterr()
+    assert main(["case-study", "gender-bias", "--n-steps", "32", "--max-n-steps", "16", "--output",
+                 str(tmp_path / "z")]) == 2
+    assert "--max-n-steps" in capsys.readouterr().err
     assert main(["case-study", "cat", "--model", model_dir, "--facts", str(tmp_path / "nope.json"), "--output",
                  str(tmp_path / "x")]) == 2
     assert "facts file not found" in capsys.readouterr().err
@@ -328,6 +486,7 @@ def test_case_studies_on_the_embedded_model(tmp_path, capsys):
                  str(tmp_path / "gb"), "--quiet"])
     out = capsys.readouterr()
     assert code == 0, out.err
+    assert {r["model"] for r in _dict_rows(tmp_path / "gb" / "table_3_2.csv")} == {"smollm2-135m"}
     rows = _dict_rows(tmp_path / "gb" / "gender_bias_occupations.csv")
     model = distattr.load_model("smollm2-135m")
     tok = model.tokenizer

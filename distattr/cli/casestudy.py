@@ -36,25 +36,37 @@ def add_parser(sub) -> argparse.ArgumentParser:
     cat.set_defaults(func=cmd_cat)
 
     gender = studies.add_parser(
-        "gender-bias", help="pronoun probabilities and attributions vs labor statistics (Kendall tau table)",
-        description="Fill a template with occupations, score the gendered pronoun (probability; saliency, "
-                    "integrated gradients and input x gradient credit of the occupation) and correlate each "
-                    "measure with the share of women in the occupation (Kendall tau). Decoder-only models: "
-                    "'The {occupation} said that' -> he/she; encoder-decoder models: Turkish 'O bir {occupation}' "
-                    "translated to English.")
+        "gender-bias", help="pronoun probabilities and attributions vs labor statistics (the paper's Table 3.2)",
+        description="The Inseq paper's gender-bias study (Table 3.2): fill a template with occupations, score the "
+                    "gendered pronoun (probability; saliency, integrated gradients and input x gradient attribution "
+                    "of the occupation's first token and of the source pronoun) and correlate each measure with the "
+                    "share of women in the occupation (Kendall tau): base case (the pronoun the model produces) "
+                    "with |%women - 50|, gender swap (he - she, pair difference) with %women. Integrated "
+                    "gradients doubles n_steps per example until every |convergence delta| < 0.05. Decoder-only "
+                    "models: 'The {occupation} said that' -> he/she; encoder-decoder models: Turkish "
+                    "'O bir {occupation}' translated to English. Writes table_3_2.csv (ours beside the paper's), "
+                    "gender_bias_table.md, gender_bias_summary.json, gender_bias_occupations.csv and the results.")
     _common(gender)
-    gender.add_argument("--occupations", metavar="FILE.tsv",
-                        help="TSV with bls_pct_female and the slot column (default: WinoGender's 60 occupations, "
-                             "or the Inseq paper's 49 Turkish ones for encoder-decoder models)")
+    gender.add_argument("--occupations", metavar="SET|FILE.tsv", default="paper",
+                        help="paper: the Inseq paper's 49 occupations (default; Turkish terms for encoder-decoder "
+                             "models, their English translations otherwise); winogender: WinoGender's 60; or a TSV "
+                             "with bls_pct_female and the slot column")
     gender.add_argument("--slot-column", metavar="NAME",
-                        help="TSV column filling the template (default: occupation/english; turkish for the "
-                             "encoder-decoder default)")
+                        help="TSV column filling the template (default: turkish for encoder-decoder models when "
+                             "present, else occupation, else english)")
+    gender.add_argument("--limit", type=int, metavar="N", help="only the first N occupations (a quick run)")
     gender.add_argument("--template", help="template with {occupation} (default: by model type, see above)")
     gender.add_argument("--methods", nargs="+", metavar="NAME",
                         default=["saliency", "integrated_gradients", "input_x_gradient"],
                         help="attribution methods (default: %(default)s)")
     gender.add_argument("--n-steps", type=int, default=16, metavar="N",
-                        help="integrated gradients path points, Gauss-Legendre (default: 16)")
+                        help="integrated gradients: path points (Gauss-Legendre) of the first try (default: 16)")
+    gender.add_argument("--delta-threshold", type=float, default=0.05, metavar="X",
+                        help="integrated gradients: n_steps doubles for the examples whose |convergence delta| at "
+                             "any attributed step is >= X (default: 0.05, the paper's)")
+    gender.add_argument("--max-n-steps", type=int, default=512, metavar="N",
+                        help="integrated gradients: the cap of the doubling; examples still above the threshold "
+                             "there are counted as not converged (default: 512)")
     gender.add_argument("--source-pronoun", metavar="WORD",
                         help="source word scored as x_pron (default: O for encoder-decoder models, none otherwise)")
     gender.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="translation length limit")
@@ -126,23 +138,27 @@ def cmd_cat(args) -> int:
 def cmd_gender_bias(args) -> int:
     from ..casestudies import gender_bias
     from ..methods import build_args
+    from .common import UsageError
 
     out = _checked(args)
+    if args.max_n_steps < args.n_steps:
+        raise UsageError(f"--max-n-steps ({args.max_n_steps}) must be at least --n-steps ({args.n_steps})")
+    if not args.delta_threshold > 0:
+        raise UsageError("--delta-threshold must be positive")
     method_args = {"integrated_gradients": {"n_steps": args.n_steps}}
     for name in args.methods:
         build_args(name, method_args.get(name, {}))  # unknown method: fail before loading the model
-    occupations = None
-    if args.occupations is not None:
-        occupations = gender_bias.load_occupations(args.occupations, args.slot_column)
+    gender_bias.load_occupations(args.occupations, args.slot_column)  # a bad file fails before the model loads
     model = _load(args)
-    if occupations is None and args.slot_column is not None:
-        occupations = gender_bias.load_occupations(
-            gender_bias.data_file(gender_bias.DEFAULT_OCCUPATIONS[model.is_encoder_decoder]), args.slot_column)
+    occupations = args.occupations
+    if args.slot_column is not None:
+        occupations = gender_bias.load_occupations(args.occupations, args.slot_column, model.is_encoder_decoder)
     summary = gender_bias.run_gender_bias(
-        model, out, occupations=occupations, template=args.template, methods=args.methods, method_args=method_args,
-        source_pronoun=args.source_pronoun if args.source_pronoun is not None else "default",
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, token_budget=args.token_budget,
-        show_progress=not args.quiet, log=lambda message: _say(args, message))
+        model, out, occupations=occupations, limit=args.limit, template=args.template, methods=args.methods,
+        method_args=method_args, source_pronoun=args.source_pronoun if args.source_pronoun is not None else "default",
+        delta_threshold=args.delta_threshold, max_n_steps=args.max_n_steps, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, token_budget=args.token_budget, show_progress=not args.quiet,
+        log=lambda message: _say(args, message))
     print(summary.markdown(), end="")
     _say(args, f"Wall time {summary.seconds:.1f} s. Wrote " + ", ".join(str(p) for p in summary.files.values()))
     return 0
