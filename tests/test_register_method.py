@@ -22,8 +22,9 @@ GEN = PROMPT + " paris , france"
 
 @pytest.fixture
 def registry(monkeypatch):
-    """A copy of the registry with the plugin freshly imported into it; both put back afterwards."""
-    monkeypatch.setattr(methods, "METHODS", dict(methods.METHODS))
+    """A copy of the built-in registry (no method another test registered) with the plugin freshly imported into
+    it; both put back afterwards."""
+    monkeypatch.setattr(methods, "METHODS", {k: v for k, v in methods.METHODS.items() if k in methods.BUILTIN_METHODS})
     monkeypatch.delitem(sys.modules, "plugin_method", raising=False)
     load_plugins(["plugin_method"])
     yield methods.METHODS
@@ -113,7 +114,7 @@ def test_a_plugin_module_that_cannot_be_imported_is_named_in_one_line():
 
 
 def test_an_unknown_name_is_looked_up_in_the_entry_point_group(monkeypatch):
-    monkeypatch.setattr(methods, "METHODS", dict(methods.METHODS))
+    monkeypatch.setattr(methods, "METHODS", {k: v for k, v in methods.METHODS.items() if k in methods.BUILTIN_METHODS})
     monkeypatch.delitem(sys.modules, "plugin_method", raising=False)
     points = [importlib.metadata.EntryPoint("embedding_norm", "plugin_method", "distattr.methods"),
               importlib.metadata.EntryPoint("broken", "no_such_plugin_xyz", "distattr.methods")]
