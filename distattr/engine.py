@@ -246,6 +246,7 @@ def prepare(loaded: LoadedModel, inputs: Inputs, call: CheckedOptions) -> Prepar
         examples.append(Example(
             target_ids=tgt, target_baseline=_baseline(tgt, unk, eos, keep_eos, keep_first=enc_dec),
             start=start, end=end, source_ids=src, source_baseline=src_base, contrast_target_ids=contrast_ids,
+            contrast_ids=info["ids"] if info is not None else None,
         ))
         contrast_info.append(info)
     return Prepared(examples=examples, source_ids=source_ids, generated_texts=targets, contrast=contrast_info)

@@ -443,13 +443,14 @@ def plan(
                         "give more or larger devices, or quantize (--quantization nf4)")
     if placer(1).homeless:
         raise PlanError(_one_row_message(placer, placer(1), max_length, devices, quantization))
-    rows_needed = _rows_needed(row_model, args, stand_ins, width)
+    layers = decoder_layer_count(config) if row_model.per_layer else 1  # activation patching: rows per layer
+    rows_needed = _rows_needed(row_model, args, stand_ins, width, layers)
     rows_fit = _most_rows(placer, min(rows_needed, getattr(args, "internal_batch_size", None) or rows_needed))
     placement = placer(rows_fit)
     budget = rows_fit * max_length
     if not row_model.backward:
         budget = math.ceil(budget / NO_GRAD_BUDGET_FACTOR)  # the engine multiplies it back for no-grad forwards
-    rows, forwards, backwards = _passes(row_model, args, stand_ins, width, rows_fit, budget)
+    rows, forwards, backwards = _passes(row_model, args, stand_ins, width, rows_fit, budget, layers)
     return Plan(
         model=name, model_class=type(meta).__name__, dtype=str(dtype).removeprefix("torch."),
         quantization=quantization, double_quant=double_quant and quantization in ("nf4", "fp4"), method=method,
@@ -651,19 +652,20 @@ def _device_plan(device: Device, limit: int, placement: Placement, blocks) -> De
                       blocks=count, activations=activations, free=limit - weights - activations, modules=names)
 
 
-def _rows_needed(row_model: RowModel, args, examples: list[Example], width: int) -> int:
-    """Rows of the whole run: no batch needs more."""
+def _rows_needed(row_model: RowModel, args, examples: list[Example], width: int, layers: int = 1) -> int:
+    """Rows of the whole run: no batch needs more (``layers``: the rows of a ``per_layer`` model are per layer)."""
     if row_model.whole_sequence:
-        return row_model.points(args, Unit(0, tuple(range(examples[0].start, examples[0].end))))
+        return row_model.points(args, Unit(0, tuple(range(examples[0].start, examples[0].end)))) * layers
     return sum(row_model.points(args, u) for u in plan_units(examples, width))
 
 
 def _passes(row_model: RowModel, args, examples: list[Example], width: int, rows_fit: int,
-            budget: int) -> tuple[int, int, int]:
-    """``(rows, forward passes, backward passes)`` for ``examples``, batched as the engine batches them."""
+            budget: int, layers: int = 1) -> tuple[int, int, int]:
+    """``(rows, forward passes, backward passes)`` for ``examples``, batched as the engine batches them
+    (``layers``: the rows of a ``per_layer`` model are per decoder layer)."""
     if row_model.whole_sequence:
         whole = Unit(0, tuple(range(examples[0].start, examples[0].end)))
-        per_example = row_model.points(args, whole)
+        per_example = row_model.points(args, whole) * layers
         batches = math.ceil(per_example / rows_fit)
         return per_example * len(examples), batches * len(examples), 0
     units = plan_units(examples, width)

@@ -11,9 +11,10 @@ import torch
 
 import distattr
 from distattr.aggregate import pair_difference
-from distattr.casestudies import cat, gender_bias
+from distattr.casestudies import agreement, cat, gender_bias
 from distattr.casestudies.tokens import char_span_tokens
 from distattr.cli import main
+from distattr.methods.patching import trace
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -173,6 +174,196 @@ def test_run_cat_writes_the_map_csv_png_and_results(tiny, tmp_path):
     assert [r["fact_id"] for r in facts_rows] == ["a", "b", "c"] and facts_rows[0]["subject_tokens"].count("|") == 3
     with pytest.raises(ValueError, match="encoder-decoder"):
         cat.run_cat(tiny("t5"), tmp_path / "t5", facts)
+
+
+# ---------------------------------------------------------------- CAT vs causal tracing: agreement
+
+
+def _hand_maps():
+    """Two [facts, groups, layers] maps with ties, an empty group (NaN) and a constant fact."""
+    rng = np.random.default_rng(7)
+    a = rng.normal(size=(6, 6, 4)).round(1)  # rounding makes ties
+    b = a + rng.normal(scale=0.8, size=a.shape).round(1)
+    a[1, 1] = b[1, 1] = np.nan  # fact 1 has no middle subject token
+    b[4, 2, 1] = np.nan  # a cell missing on one side only
+    b[5] = 0.25  # constant: no rho
+    return a, b
+
+
+def test_spearman_of_maps_matches_scipy():
+    from scipy.stats import spearmanr
+
+    a, b = _hand_maps()
+    rho = agreement.per_fact_spearman(a, b)
+    for i in range(5):
+        ok = np.isfinite(a[i]) & np.isfinite(b[i])
+        assert ok.sum() == (24 - 4 if i == 1 else 24 - (i == 4))
+        assert rho[i] == pytest.approx(spearmanr(a[i][ok], b[i][ok]).statistic, abs=1e-12)
+    assert np.isnan(rho[5])  # constant map
+    assert agreement.spearman([1, 2, 2, 3], [4, 1, 1, 0]) == pytest.approx(spearmanr([1, 2, 2, 3], [4, 1, 1, 0])[0])
+    assert np.isnan(agreement.spearman([1, 2], [2, 1])) and np.isnan(agreement.spearman([1, np.nan, 3], [1, 2, 3]))
+    result = agreement.agreement(a, b, resamples=50)
+    assert (result.n_facts, result.n_defined) == (6, 5)
+    assert result.per_fact_mean.value == pytest.approx(rho[:5].mean())
+    mean_a, mean_b = agreement.mean_map(a), agreement.mean_map(b)
+    assert np.isfinite(mean_a).all()  # the empty group of fact 1 is skipped, not NaN-propagated
+    np.testing.assert_allclose(mean_a[1], a[[0, 2, 3, 4, 5], 1].mean(axis=0))
+    assert result.averaged_map.value == pytest.approx(spearmanr(mean_a.ravel(), mean_b.ravel()).statistic)
+    assert result.n_cells == 24
+    np.testing.assert_allclose(cat.average_map(a)[0], mean_a.T)  # CAT's map is the same mean
+
+
+def test_bootstrap_interval_contains_the_estimate_and_is_deterministic_with_the_seed():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(40, 6, 5))
+    b = a + rng.normal(scale=1.5, size=a.shape)
+    first = agreement.agreement(a, b, resamples=300, seed=3)
+    assert first == agreement.agreement(a, b, resamples=300, seed=3)
+    other = agreement.agreement(a, b, resamples=300, seed=4)
+    assert other.per_fact_mean.value == first.per_fact_mean.value and other.per_fact_mean != first.per_fact_mean
+    for stat in (first.per_fact_mean, first.averaged_map):
+        assert stat.low < stat.value < stat.high and stat.high - stat.low < 0.5
+    assert 0 < first.per_fact_mean.value < first.averaged_map.value  # averaging cancels the per-fact noise
+    draws = agreement.bootstrap_draws(40, 300, 3)
+    assert draws.shape == (300, 40) and draws.min() >= 0 and draws.max() < 40
+    assert agreement.agreement(a, b, draws=draws) == first
+    one = agreement.agreement(a[:1], b[:1], resamples=20).per_fact_mean  # one fact: every draw is that fact
+    assert one.low == one.value == one.high == agreement.spearman(a[0], b[0])
+    with pytest.raises(ValueError, match="resamples"):
+        agreement.bootstrap_draws(4, 0)
+
+
+def first_rho(a, b):
+    return agreement.spearman(a[0], b[0])
+
+
+def test_agreement_per_relation_and_normalized_maps():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(5, 6, 3))
+    b = a.copy()
+    b[3:] = -a[3:]  # relation R2: reversed maps
+    relations = ["R1", "R1", "R1", "R2", "R2"]
+    groups = agreement.by_relation(a, b, relations, resamples=100)
+    assert list(groups) == ["R1", "R2"]
+    assert (groups["R1"].n_facts, groups["R2"].n_facts) == (3, 2)
+    for relation, sign in (("R1", 1), ("R2", -1)):
+        assert groups[relation].per_fact_mean.value == pytest.approx(sign)
+        assert groups[relation].averaged_map.value == pytest.approx(sign)
+    assert groups["R2"].per_fact_mean.low == pytest.approx(-1) == groups["R2"].per_fact_mean.high
+    pairs = cat.agreements({"cat": a, "causal-tracing": b, "atp": b * 2}, relations, resamples=100)
+    assert list(pairs) == ["cat_vs_tracing", "atp_vs_tracing", "cat_vs_atp"]
+    assert pairs["atp_vs_tracing"]["overall"]["per_fact_mean"]["value"] == pytest.approx(1)
+    assert pairs["cat_vs_tracing"]["by_relation"]["R2"]["averaged_map"]["value"] == pytest.approx(-1)
+    assert pairs["cat_vs_tracing"]["by_relation"]["R1"]["n_facts"] == 3
+    # normalised: every fact's largest |value| is 1, an all-zero map stays 0, NaN cells stay NaN
+    maps = np.stack([a[0], np.zeros((6, 3)), a[1] * 100])
+    maps[2, 1] = np.nan
+    scaled = agreement.normalize_maps(maps)
+    assert np.nanmax(np.abs(scaled), axis=(1, 2)).tolist() == [1.0, 0.0, 1.0]
+    np.testing.assert_allclose(scaled[2], maps[2] / np.nanmax(np.abs(maps[2])))
+    assert np.isnan(scaled[2, 1]).all()
+    assert agreement.per_fact_spearman(scaled, maps)[[0, 2]].tolist() == pytest.approx([1, 1])
+
+
+def test_cat_compared_with_causal_tracing_and_atp_writes_maps_and_agreement(tiny, tmp_path):
+    m = tiny("llama")
+    facts = [cat.Fact(PROMPT, "the big red house", "paris", "P1", fact_id="a"),
+             cat.Fact("the cat was built in the city of", "the cat", "rome", "P1", fact_id="b"),
+             cat.Fact("the tower is located in the", "the tower", "city", "P2", fact_id="c"),
+             cat.Fact("a small dog is in the", "a small dog", "house", "P2", fact_id="d")]
+    comparison = cat.Comparison(window=1, samples=3, resamples=40)
+    summary = cat.run_cat(m, tmp_path, facts, known_only=False, limit=3, compare=comparison, show_progress=False)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert names >= {"cat_map.csv", "tracing_map.csv", "atp_map.csv", "compare_maps.png", "agreement.json",
+                     "agreement_facts.csv", "fact_maps.npz", "cat_summary.json"}
+    assert (tmp_path / "compare_maps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    traced = [cat.tokenize_fact(m.tokenizer, f) for f in cat.choose_false_objects(facts)][:3]
+    # the tracing map is the mean of trace()'s scores grouped like CAT's, with ROME's corruption of the subject
+    manual = []
+    for t in traced:
+        r = trace(m, t.fact.prompt, t.object_ids[0], t.subject, component="mlp", window=1, samples=3, seed=0)
+        n = len(t.prompt_ids)
+        manual.append(cat.group_scores(r.scores.T.astype(np.float64), cat.position_groups(n, t.subject)))
+    rows = _rows(tmp_path / "tracing_map.csv")
+    assert rows[0] == ["layer", "module", *cat.GROUPS] and [r[1] for r in rows[1:]] == ["mlp of layers 0-0",
+                                                                                     "mlp of layers 1-1"]
+    table = np.array([[float(v) if v else np.nan for v in r[2:]] for r in rows[1:]])
+    np.testing.assert_allclose(table, np.nanmean(np.stack(manual), axis=0).T, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(summary.compared["causal-tracing"], table, rtol=1e-6, atol=1e-12)
+    assert _rows(tmp_path / "atp_map.csv")[0] == ["layer", "module", *cat.GROUPS]
+    # the AtP map comes from the registered method with the same corruption
+    t = traced[0]
+    ids = [*t.prompt_ids, t.object_ids[0]]
+    out = m.attribute(t.fact.prompt, [ids], method="attribution_patching", attr_pos_end=len(ids),
+                      method_args=comparison.patching_args(t.subject, 0), show_progress=False).sequences[0]
+    first = cat.group_scores(out.target_attributions[: len(t.prompt_ids), 0].astype(np.float64),
+                             cat.position_groups(len(t.prompt_ids), t.subject))
+    per_fact = _dict_rows(tmp_path / "agreement_facts.csv")
+    assert list(per_fact[0]) == ["fact_id", "relation", "n_prompt_tokens", "p_clean", "p_corrupted",
+                                 "cat_vs_tracing", "atp_vs_tracing", "cat_vs_atp"]
+    assert [(r["fact_id"], r["relation"]) for r in per_fact] == [("a", "P1"), ("b", "P1"), ("c", "P2")]
+    assert float(per_fact[0]["atp_vs_tracing"]) == pytest.approx(agreement.spearman(first, manual[0]), abs=1e-5)
+    doc = json.loads((tmp_path / "agreement.json").read_text())
+    assert doc["n_facts"] == 3 and doc["relations"] == {"P1": 2, "P2": 1} and doc["normalize"] is False
+    assert doc["causal_tracing"]["window"] == 1 and doc["causal_tracing"]["noise_samples"] == 3
+    assert doc["bootstrap"]["resamples"] == 40
+    overall = doc["comparisons"]["cat_vs_tracing"]["overall"]
+    rhos = [float(r["cat_vs_tracing"]) for r in per_fact if r["cat_vs_tracing"]]
+    assert overall["n_facts"] == 3 and overall["per_fact_mean"]["value"] == pytest.approx(np.mean(rhos), abs=1e-5)
+    assert set(doc["comparisons"]["atp_vs_tracing"]["by_relation"]) == {"P1", "P2"}
+    assert any("cat vs tracing: Spearman per fact" in line for line in summary.lines())
+    saved = np.load(tmp_path / "fact_maps.npz")
+    assert saved["tracing"].shape == (3, 6, 2) and saved["relation"].tolist() == ["P1", "P1", "P2"]
+    np.testing.assert_allclose(saved["tracing"], np.stack(manual), rtol=1e-5, atol=1e-9)
+    recomputed = agreement.agreement(saved["cat"], saved["tracing"], resamples=40)
+    assert recomputed.as_dict() == overall
+    # normalised: the same facts, each map divided by its largest |value| before averaging
+    norm = cat.run_cat(m, tmp_path / "norm", facts, known_only=False, limit=3, normalize=True,
+                       compare=cat.Comparison(methods=("causal-tracing",), window=1, samples=3, resamples=40),
+                       show_progress=False)
+    np.testing.assert_allclose(norm.compared["causal-tracing"],
+                               cat.average_map(agreement.normalize_maps(np.stack(manual)))[0], rtol=1e-5, atol=1e-9)
+    assert json.loads((tmp_path / "norm" / "cat_summary.json").read_text())["normalize"] is True
+    assert not (tmp_path / "norm" / "atp_map.csv").exists()
+    assert list(json.loads((tmp_path / "norm" / "agreement.json").read_text())["comparisons"]) == ["cat_vs_tracing"]
+    with pytest.raises(ValueError, match="one or more of causal-tracing, atp"):
+        cat.Comparison(methods=("rome",))
+    with pytest.raises(ValueError, match="window"):
+        cat.Comparison(window=0)
+    with pytest.raises(ValueError, match="every decoder block's MLP"):
+        cat.run_cat(m, tmp_path / "x", facts, layers=["model.layers.0.mlp"], compare=comparison)
+
+
+def test_cli_cat_compare_on_a_tiny_llama(tiny_dir, tmp_path, capsys):
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps([{"prompt": f.prompt, "subject": f.subject, "target_true": f.true_object,
+                                  "relation_id": f.relation} for f in _facts()]))
+    model = tiny_dir("llama")
+    capsys.readouterr()  # saving the tiny model reports progress
+    base = ["case-study", "cat", "--model", model, "--facts", str(facts), "--all-facts", "--limit", "3", "--quiet"]
+    code = main([*base, "--output", str(tmp_path / "out"), "--compare", "causal-tracing,atp", "--trace-window", "2",
+                 "--trace-samples", "2", "--resamples", "30", "--normalize"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "cat vs tracing: Spearman per fact" in out.out and "atp vs tracing" in out.out and out.err == ""
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {
+        "cat_map.csv", "cat_map.png", "cat_facts.csv", "cat_summary.json", "cat_attributions.zarr", "tracing_map.csv",
+        "atp_map.csv", "compare_maps.png", "agreement.json", "agreement_facts.csv", "fact_maps.npz"}
+    doc = json.loads((tmp_path / "out" / "agreement.json").read_text())
+    assert (doc["n_facts"], doc["normalize"], doc["bootstrap"]["resamples"]) == (3, True, 30)
+    assert (doc["causal_tracing"]["component"], doc["causal_tracing"]["window"]) == ("mlp", 2)
+    assert doc["atp"]["noise_samples"] == 2
+    for name in ("cat_map.csv", "tracing_map.csv", "atp_map.csv"):
+        rows = _rows(tmp_path / "out" / name)
+        assert rows[0] == ["layer", "module", *cat.GROUPS] and len(rows) == 3
+    for bad, message in ((["--compare", "causal-tracing,rome"], "--compare: 'rome'"),
+                         (["--trace-samples", "3"], "--trace-samples needs --compare"),
+                         (["--compare", "atp", "--trace-window", "0"], "--trace-window must be at least 1"),
+                         (["--compare", "atp", "--trace-component", "head"], "--trace-component")):
+        assert main([*base, "--output", str(tmp_path / "bad"), *bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_kendall_matches_scipy():

@@ -429,3 +429,16 @@ def test_activation_model_against_the_measured_memory_of_a_batch():
     saved_model = row_tokens * activation_bytes_per_token(_config("smollm2-135m"), torch.float32)
     assert 0.4 <= measured["saved"] / saved_model <= 1.0, measured
     assert 0.35 <= measured["growth"] / predicted <= 1.15, (measured, predicted)
+
+
+def test_activation_patching_is_planned_per_layer():
+    """A restoration per (layer, position, noise draw): the planner counts every layer's rows, not one layer's."""
+    from distattr.methods import get_method
+    from distattr.methods.rows import Unit
+    from distattr.planner import plan
+
+    p = plan("smollm2-135m", "cpu=8GiB", None, "activation_patching", 64, 1, method_args={"noise_samples": 4})
+    cost = get_method("activation_patching").cost
+    args = get_method("activation_patching").args(noise_samples=4)
+    per_layer = cost.points(args, Unit(0, (63,)))
+    assert cost.per_layer and per_layer > 0 and p.rows == per_layer * 30  # SmolLM2-135M has 30 decoder layers

@@ -4,6 +4,8 @@
   (``distattr case-study cat``).
 * :mod:`distattr.casestudies.gender_bias`: pronoun probabilities and attributions vs labor statistics
   (``distattr case-study gender-bias``).
+* :mod:`distattr.casestudies.agreement`: rank agreement of CAT, causal tracing and attribution patching maps
+  (Spearman per fact and of the averaged maps, bootstrap intervals, per relation).
 * :mod:`distattr.casestudies.storage`: where their full attribution results are written.
 * :mod:`distattr.casestudies.tokens`: character spans -> token positions.
 

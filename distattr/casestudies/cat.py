@@ -21,7 +21,27 @@ may be the last token), tokens before the subject are in none, and an empty grou
 left out of that statement's average. The map is the mean over statements of each group's mean score.
 
 Only statements the model gets right are traced: greedy decoding after the prompt yields the true object's
-tokens (checked by teacher forcing: each object token is the argmax at its position).
+tokens (checked by teacher forcing: each object token is the argmax at its position). ``known_only=False``
+(``--all-facts``) keeps every statement, e.g. for a random test model that knows none.
+
+The comparison the paper makes (``compare=Comparison(...)``, ``--compare causal-tracing,atp``). On the same traced
+statements, with the same position groups (the subject span CAT found, the same ``position_groups``):
+
+* **causal tracing** (ROME, :func:`distattr.methods.patching.trace`): the subject's input embeddings plus Gaussian
+  noise (``noise_scale`` = 3 x the std of the input-embedding table, ``samples`` = 10 draws seeded with ``seed``),
+  then the clean output of ``component`` (``"mlp"``) at one prompt position restored in a window of ``window`` (10)
+  layers centred on each layer; the score is the indirect effect on the probability of the true object's first
+  token, ``p(restored) - p(corrupted)``, averaged over the draws. ROME's MLP trace, the one CAT's MLP attributions
+  are compared with. (ROME takes the noise std from its subjects' embeddings, here from the whole table.)
+* **attribution patching** (AtP, method ``"attribution_patching"``): the same corruption, component, window and
+  metric, the indirect effect estimated to first order, ``(a_clean - a_corrupted) . dp/da_corrupted``, summed over
+  the window's layers.
+
+Each gives a ``[groups, layers]`` map per statement like CAT's; :mod:`distattr.casestudies.agreement` computes
+Spearman's rho per statement and of the averaged maps, with bootstrap intervals over statements, overall and per
+relation. ``normalize=True`` (``--normalize``) divides each statement's ``[groups, layers]`` map (every method's)
+by its largest ``|value|`` before averaging, so every statement weighs the same in the averaged maps (and in
+``cat_map.csv``); per-statement rho does not change with it.
 """
 
 from __future__ import annotations
@@ -31,7 +51,7 @@ import json
 import random
 import re
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,6 +62,8 @@ import torch
 from ..api import AttributionModel
 from ..results import AttributionOutput
 from . import as_path, data_file
+from .agreement import LEVEL, RESAMPLES, bootstrap_draws, by_relation, mean_map, normalize_maps, per_fact_spearman
+from .agreement import agreement as agreement_of
 from .storage import concat_outputs, save_results
 from .tokens import char_span_tokens
 
@@ -51,6 +73,10 @@ HIDDEN_REDUCTIONS = ("sum", "vnorm")
 # Padded tokens per forward/backward batch: ~1.5 GB peak for SmolLM2-135M with its 30 MLPs hooked, and much
 # faster on a CPU than the library's memory-first default (~64 tokens for that model).
 TOKEN_BUDGET = 512
+COMPARE_METHODS = ("causal-tracing", "atp")
+MAP_NAMES = {"cat": "CAT", "causal-tracing": "causal tracing", "atp": "AtP"}
+MAP_FILES = {"cat": "cat_map.csv", "causal-tracing": "tracing_map.csv", "atp": "atp_map.csv"}
+PAIR_KEYS = {"causal-tracing": "tracing", "atp": "atp", "cat": "cat"}
 
 
 @dataclass(frozen=True)
@@ -90,6 +116,9 @@ class CatSummary:
         group_counts: statements contributing to each group.
         counts: facts read, given a false object, tokenized, checked (run through the model), known, traced.
         mean_contrast_prob_diff: mean ``p(o_true) - p(o_false)`` (first tokens) over the traced statements.
+        normalize: whether each statement's map was divided by its largest ``|value|`` before averaging.
+        compared: the averaged maps of the methods compared with (``"causal-tracing"``, ``"atp"``), like ``map``.
+        agreement: what ``agreement.json`` holds (None without a comparison).
         files: what was written (``map_csv``, ``png``, ``facts_csv``, ``summary``, and the stored results).
         seconds: wall time of each stage.
     """
@@ -103,6 +132,9 @@ class CatSummary:
     mean_contrast_prob_diff: float
     files: dict[str, Path] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    normalize: bool = False
+    compared: dict[str, np.ndarray] = field(default_factory=dict)
+    agreement: dict | None = None
 
     def lines(self) -> list[str]:
         """A plain-text report: counts, and where the map peaks."""
@@ -119,8 +151,20 @@ class CatSummary:
                 if np.isfinite(col).any():
                     out.append(f"  {name:<24} n={self.group_counts[g]:<5} peak layer {int(np.nanargmax(col)):>2} "
                                f"({np.nanmax(col):.4g}), sum over layers {np.nansum(col):.4g}")
+        for pair, result in (self.agreement or {}).get("comparisons", {}).items():
+            o = result["overall"]
+            out.append(f"{pair.replace('_', ' ')}: Spearman per fact {_interval_text(o['per_fact_mean'])} "
+                       f"({o['n_defined']} of {o['n_facts']} facts), averaged maps "
+                       f"{_interval_text(o['averaged_map'])} (95% bootstrap intervals)")
         out.append("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()))
         return out
+
+
+def _interval_text(i: dict) -> str:
+    def number(x):
+        return "n/a" if x is None else f"{x:+.3f}"
+
+    return f"{number(i['value'])} [{number(i['low'])}, {number(i['high'])}]"
 
 
 # ---------------------------------------------------------------- facts
@@ -353,9 +397,7 @@ def fact_maps(output: AttributionOutput, traced: Sequence[TracedFact]) -> np.nda
 def average_map(maps: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
     """Mean over facts, skipping facts without a group: ``[n_layers, n_groups]`` and the count per group."""
     counts = tuple(int(c) for c in np.isfinite(maps[:, :, 0]).sum(axis=0))
-    with np.errstate(invalid="ignore"):
-        total = np.nansum(maps, axis=0) / np.array(counts, dtype=np.float64)[:, None]
-    return total.T, counts
+    return mean_map(maps).T, counts
 
 
 def write_map_csv(path: Path, layers: Sequence[str], table: np.ndarray) -> Path:
@@ -427,14 +469,186 @@ def _with_step_scores(output: AttributionOutput, checks: Sequence[FactCheck]) ->
     return AttributionOutput(sequences=sequences, info=info)
 
 
+# ---------------------------------------------------------------- the comparison with causal tracing
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What ``run_cat`` compares CAT with (module docstring), and how.
+
+    Attributes:
+        methods: some of :data:`COMPARE_METHODS`: ``"causal-tracing"`` (ROME's trace), ``"atp"`` (attribution
+            patching). The agreement is measured against causal tracing when it is run, else against AtP.
+        component, window: what is restored and in how many layers (ROME's MLP trace: ``"mlp"``, 10); see
+            :class:`distattr.methods.patching.PatchingArgs`.
+        samples, noise_scale: noise draws and their std in units of the embedding table's std (ROME: 10, 3).
+        resamples: bootstrap resamples of the agreement intervals (over statements).
+    """
+
+    methods: tuple[str, ...] = COMPARE_METHODS
+    component: str = "mlp"
+    window: int = 10
+    samples: int = 10
+    noise_scale: float = 3.0
+    resamples: int = RESAMPLES
+
+    def __post_init__(self):
+        from ..methods.patching import PatchingArgs
+
+        methods = tuple(dict.fromkeys(self.methods))
+        unknown = [m for m in methods if m not in COMPARE_METHODS]
+        if unknown or not methods:
+            raise ValueError(f"compare with one or more of {', '.join(COMPARE_METHODS)}, not "
+                             f"{', '.join(map(repr, unknown or methods)) or 'nothing'}")
+        object.__setattr__(self, "methods", methods)
+        PatchingArgs(component=self.component, window=self.window, noise_samples=self.samples,
+                     noise_scale=self.noise_scale)  # the same checks and messages as the methods
+        if not isinstance(self.resamples, int) or self.resamples < 1:
+            raise ValueError(f"resamples must be a positive integer, not {self.resamples!r}")
+
+    def patching_args(self, subject: tuple[int, int], seed: int) -> dict:
+        """``method_args`` of ``attribution_patching`` for a statement whose subject covers ``subject``."""
+        return {"component": self.component, "window": self.window, "corruption": "noise",
+                "corrupt_span": tuple(subject), "noise_scale": self.noise_scale, "noise_samples": self.samples,
+                "seed": seed}
+
+
+def _grouped(scores: np.ndarray, t: TracedFact, what: str) -> np.ndarray:
+    """``[groups, layers]`` from ``scores [layers, prompt positions]`` of one statement."""
+    n = len(t.prompt_ids)
+    if scores.shape[1] != n:
+        raise RuntimeError(f"Fact {t.fact.fact_id}: {what} scored {scores.shape[1]} prompt positions, CAT {n}")
+    return group_scores(np.asarray(scores, dtype=np.float64).T, position_groups(n, t.subject))
+
+
+def causal_trace_maps(model: AttributionModel, traced: Sequence[TracedFact], comparison: Comparison = Comparison(),
+                      seed: int = 0, token_budget: int | None = TOKEN_BUDGET,
+                      log: Callable[[str], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROME's causal trace of each statement (:func:`distattr.methods.patching.trace`: noise on the subject's tokens,
+    metric the probability of the true object's first token): ``[n_facts, n_groups, n_layers]`` indirect effects by
+    position group, and the clean and corrupted probabilities ``[n_facts]``."""
+    from ..methods.patching import trace
+
+    maps, clean, corrupted = [], [], []
+    clock = time.perf_counter()
+    for i, t in enumerate(traced):
+        result = trace(model, t.fact.prompt, t.object_ids[0], t.subject, component=comparison.component,
+                       window=comparison.window, samples=comparison.samples, seed=seed,
+                       noise_scale=comparison.noise_scale, attributed_fn="probability", token_budget=token_budget)
+        maps.append(_grouped(result.scores, t, "causal tracing"))
+        clean.append(result.clean)
+        corrupted.append(result.corrupted)
+        if log is not None:
+            log(f"  causal tracing {i + 1}/{len(traced)} statements ({time.perf_counter() - clock:.0f} s)")
+    return np.stack(maps), np.array(clean), np.array(corrupted)
+
+
+def atp_maps(model: AttributionModel, traced: Sequence[TracedFact], comparison: Comparison = Comparison(),
+             seed: int = 0, token_budget: int | None = TOKEN_BUDGET,
+             log: Callable[[str], None] | None = None) -> np.ndarray:
+    """Attribution patching of each statement with the corruption, component, window and metric of
+    :func:`causal_trace_maps`: ``[n_facts, n_groups, n_layers]`` estimated indirect effects by position group."""
+    maps = []
+    clock = time.perf_counter()
+    for i, t in enumerate(traced):
+        ids = [*t.prompt_ids, t.object_ids[0]]
+        out = model.attribute(t.fact.prompt, [ids], method="attribution_patching",
+                              method_args=comparison.patching_args(t.subject, seed), attributed_fn="probability",
+                              attr_pos_end=len(ids), token_budget=token_budget, show_progress=False)
+        seq = out.sequences[0]
+        if tuple(seq.target_ids) != tuple(ids):
+            raise RuntimeError(f"Fact {t.fact.fact_id}: the attributed tokens differ from the checked ones")
+        maps.append(_grouped(seq.target_attributions[: len(t.prompt_ids), 0, :].T, t, "AtP"))
+        if log is not None:
+            log(f"  attribution patching {i + 1}/{len(traced)} statements ({time.perf_counter() - clock:.0f} s)")
+    return np.stack(maps)
+
+
+def agreements(maps: dict[str, np.ndarray], relations: Sequence[str], resamples: int = RESAMPLES,
+            seed: int = 0) -> dict[str, dict]:
+    """Agreement of the maps (``{"cat": ..., "causal-tracing": ..., "atp": ...}``, each ``[n_facts, n_groups,
+    n_layers]``) with the reference (causal tracing when present, else AtP), and of CAT with AtP when both are
+    there: ``{"cat_vs_tracing": {"overall": {...}, "by_relation": {relation: {...}}}, ...}`` (see
+    :class:`distattr.casestudies.agreement.Agreement`). All pairs use the same bootstrap draws."""
+    pairs = [(a, b) for a, b in (("cat", "causal-tracing"), ("atp", "causal-tracing"), ("cat", "atp"))
+             if a in maps and b in maps]
+    n = len(next(iter(maps.values())))
+    draws = bootstrap_draws(n, resamples, seed)
+    out = {}
+    for a, b in pairs:
+        overall = agreement_of(maps[a], maps[b], draws=draws)
+        groups = by_relation(maps[a], maps[b], relations, resamples=resamples, seed=seed)
+        out[f"{PAIR_KEYS[a]}_vs_{PAIR_KEYS[b]}"] = {
+            "overall": overall.as_dict(), "by_relation": {r: g.as_dict() for r, g in groups.items()}}
+    return out
+
+
+def write_agreement_facts_csv(path: Path, traced: Sequence[TracedFact], maps: dict[str, np.ndarray],
+                              clean: np.ndarray | None, corrupted: np.ndarray | None) -> Path:
+    """One row per statement: ``fact_id, relation, n_prompt_tokens``, causal tracing's ``p_clean`` and
+    ``p_corrupted`` (empty without it), then Spearman's rho of each compared pair (``cat_vs_tracing``, ...)."""
+    pairs = [(a, b) for a, b in (("cat", "causal-tracing"), ("atp", "causal-tracing"), ("cat", "atp"))
+             if a in maps and b in maps]
+    rhos = {f"{PAIR_KEYS[a]}_vs_{PAIR_KEYS[b]}": per_fact_spearman(maps[a], maps[b]) for a, b in pairs}
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["fact_id", "relation", "n_prompt_tokens", "p_clean", "p_corrupted", *rhos])
+        for i, t in enumerate(traced):
+            w.writerow([t.fact.fact_id, t.fact.relation, len(t.prompt_ids),
+                        "" if clean is None else f"{clean[i]:.6g}", "" if corrupted is None else f"{corrupted[i]:.6g}",
+                        *("" if not np.isfinite(r[i]) else f"{r[i]:.6g}" for r in rhos.values())])
+    return path
+
+
+def plot_maps(path: Path, tables: dict[str, np.ndarray], group_counts: Sequence[int], title: str,
+              signed: dict[str, bool] | None = None) -> Path:
+    """The averaged maps side by side, one column each (``tables``: name -> ``[n_layers, n_groups]``), position
+    groups as rows and layers as columns (ROME's layout), each on its own colour scale; second row: the groups before
+    the last token on their own scale."""
+    from ..viz.plot import require_matplotlib
+
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    signed = signed or {}
+    labels = [f"{g} ({n})" for g, n in zip(GROUPS, group_counts, strict=True)]
+    n_layers = next(iter(tables.values())).shape[0]
+    width = max(4.5, 0.13 * n_layers + 3.0)
+    fig, axes = plt.subplots(2, len(tables), figsize=(width * len(tables), 6.4), squeeze=False,
+                             gridspec_kw={"height_ratios": [len(GROUPS), len(GROUPS) - 1]})
+    for col, (name, table) in enumerate(tables.items()):
+        sign = signed.get(name, True)
+        cmap = matplotlib.colormaps["RdBu_r" if sign else "Purples"].with_extremes(bad="#dddddd")
+        panels = [(table, labels, "all positions"), (table[:, :-1], labels[:-1], "before the last token")]
+        for row, (values, names, subtitle) in enumerate(panels):
+            ax = axes[row, col]
+            peak = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
+            peak = peak or 1.0
+            image = ax.imshow(np.ma.masked_invalid(values.T), aspect="auto", cmap=cmap, vmin=-peak if sign else 0.0,
+                              vmax=peak, interpolation="nearest")
+            ax.set_yticks(range(len(names)), names if col == 0 else [""] * len(names))
+            ax.set_xticks(range(0, values.shape[0], 1 if values.shape[0] <= 16 else 3))
+            ax.set_title(f"{MAP_NAMES.get(name, name)}: {subtitle}", fontsize=9)
+            fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+        axes[-1, col].set_xlabel("layer")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
 # ---------------------------------------------------------------- the whole case study
 
 
 def run_cat(model: AttributionModel, output_dir: str | Path, facts: Sequence[Fact] | None = None, *,
             limit: int | None = None, seed: int = 0, layers: Sequence[str] | None = None,
             hidden_reduction: str = "sum", known_only: bool = True, batch_size: int = 32,
-            token_budget: int | None = TOKEN_BUDGET, show_progress: bool = True,
-            log: Callable[[str], None] | None = None) -> CatSummary:
+            token_budget: int | None = TOKEN_BUDGET, normalize: bool = False, compare: Comparison | None = None,
+            show_progress: bool = True, log: Callable[[str], None] | None = None) -> CatSummary:
     """The whole case study: facts -> false objects -> facts the model knows -> attribution -> map, CSV, PNG.
 
     Args:
@@ -449,6 +663,16 @@ def run_cat(model: AttributionModel, output_dir: str | Path, facts: Sequence[Fac
         known_only: keep only statements the model completes with the true object.
         batch_size: statements per forward / ``attribute`` call.
         token_budget: passed to ``attribute`` (None: the library default, sized from the model's memory).
+        normalize: divide each statement's ``[groups, layers]`` map by its largest ``|value|`` before averaging
+            (every method's, ``cat_map.csv`` included).
+        compare: also run causal tracing and/or AtP on the same statements (:class:`Comparison`; noise seeded with
+            ``seed``, bootstrap too) and write ``tracing_map.csv`` / ``atp_map.csv`` (same columns as
+            ``cat_map.csv``), ``compare_maps.png`` (the maps side by side), ``agreement.json`` (Spearman's rho per
+            statement and of the averaged maps, bootstrap intervals, per relation), ``agreement_facts.csv``
+            (per statement: the tracing probabilities and each pair's rho) and ``fact_maps.npz`` (each method's
+            ``[statements, groups, layers]`` maps before any normalisation, keys ``cat``, ``tracing``, ``atp``,
+            with ``fact_id``, ``relation`` and ``groups``: the agreement can be recomputed from it). Needs CAT on
+            every block's MLP (the default ``layers``).
     """
     if model.is_encoder_decoder:
         raise ValueError("CAT traces decoder-only models; this one is an encoder-decoder model")
@@ -461,6 +685,9 @@ def run_cat(model: AttributionModel, output_dir: str | Path, facts: Sequence[Fac
     say = log or (lambda _msg: None)
     output_dir = Path(output_dir)
     layers = tuple(layers) if layers else mlp_layers(model)
+    if compare is not None and layers != mlp_layers(model):
+        raise ValueError("The comparison with causal tracing needs CAT on every decoder block's MLP (the default "
+                         "layers); leave layers out")
     tok = model.tokenizer
     clock = time.perf_counter()
     facts = list(load_facts() if facts is None else facts)
@@ -495,30 +722,101 @@ def run_cat(model: AttributionModel, output_dir: str | Path, facts: Sequence[Fac
     output = attribute_facts(model, traced, layers, hidden_reduction, batch_size, token_budget, show_progress, log)
     output = _with_step_scores(output, checks)
     seconds["attribute"] = time.perf_counter() - clock
-    table, counts = average_map(fact_maps(output, traced))
+    maps = {"cat": fact_maps(output, traced)}
+    clean = corrupted = None
+    if compare is not None:
+        if "causal-tracing" in compare.methods:
+            clock = time.perf_counter()
+            say(f"causal tracing {len(traced)} statements ({compare.component}, window {compare.window}, "
+                f"{compare.samples} noise samples)")
+            maps["causal-tracing"], clean, corrupted = causal_trace_maps(model, traced, compare, seed, token_budget,
+                                                                         log)
+            seconds["causal-tracing"] = time.perf_counter() - clock
+        if "atp" in compare.methods:
+            clock = time.perf_counter()
+            say(f"attribution patching {len(traced)} statements")
+            maps["atp"] = atp_maps(model, traced, compare, seed, token_budget, log)
+            seconds["atp"] = time.perf_counter() - clock
+    averaged = {key: normalize_maps(m) if normalize else m for key, m in maps.items()}
+    tables = {key: average_map(m)[0] for key, m in averaged.items()}
+    table, counts = tables["cat"], average_map(maps["cat"])[1]
     name = output.info.get("model_name", "model")
     output_dir.mkdir(parents=True, exist_ok=True)
     files = {"map_csv": write_map_csv(output_dir / "cat_map.csv", layers, table),
              "facts_csv": write_facts_csv(output_dir / "cat_facts.csv", traced, checks, tok)}
+    scaled = ", each fact's map ÷ its max |value|" if normalize else ""
     title = (f"CAT, {name}: {len(traced)} {'known ' if known_only else ''}facts, layer grad×activation of "
-             f"p(true) − p(false), {hidden_reduction} over hidden")
+             f"p(true) − p(false), {hidden_reduction} over hidden{scaled}")
     files["png"] = plot_map(output_dir / "cat_map.png", table, counts, title, signed=hidden_reduction == "sum")
     files.update({f"results_{k}": v for k, v in save_results(output_dir, {"cat_attributions": output}).items()})
+    agreement = None
+    if compare is not None:
+        from ..methods.patching import windows
+
+        spans = windows(len(layers), compare.window)
+        restored = [f"{compare.component} of layers {a}-{b - 1}" for a, b in spans]
+        for key in compare.methods:
+            files[f"{PAIR_KEYS[key]}_map_csv"] = write_map_csv(output_dir / MAP_FILES[key], restored, tables[key])
+        files["compare_png"] = plot_maps(
+            output_dir / "compare_maps.png", tables, counts,
+            f"{name}: {len(traced)} facts; CAT (grad×act of p(true) − p(false)) vs {compare.component} restored "
+            f"in {compare.window}-layer windows (indirect effect on p(true), {compare.samples} noise samples){scaled}",
+            signed={"cat": hidden_reduction == "sum"})
+        relations = [t.fact.relation for t in traced]
+        agreement = _agreement_doc(name, traced, compare, seed, normalize, hidden_reduction, known_only,
+                                   agreements(averaged, relations, compare.resamples, seed), clean, corrupted)
+        files["agreement"] = output_dir / "agreement.json"
+        files["agreement"].write_text(json.dumps(agreement, indent=1), encoding="utf-8")
+        files["agreement_facts_csv"] = write_agreement_facts_csv(output_dir / "agreement_facts.csv", traced, maps,
+                                                                 clean, corrupted)
+        files["fact_maps"] = output_dir / "fact_maps.npz"
+        np.savez_compressed(files["fact_maps"], **{PAIR_KEYS[k]: m for k, m in maps.items()},
+                            fact_id=np.array([t.fact.fact_id for t in traced]),
+                            relation=np.array([t.fact.relation for t in traced]), groups=np.array(GROUPS))
     summary = CatSummary(
         model=name, layers=layers, hidden_reduction=hidden_reduction, map=table, group_counts=counts,
         counts={"read": len(facts), "with_false": len(with_false), "tokenized": len(tokenized),
                 "checked": n_checked, "known": n_known, "traced": len(traced)},
         mean_contrast_prob_diff=float(np.mean([c.p_true - c.p_false for c in checks])),
-        seconds={**seconds, "total": sum(seconds.values())},
+        seconds={**seconds, "total": sum(seconds.values())}, normalize=normalize,
+        compared={key: t for key, t in tables.items() if key != "cat"}, agreement=agreement,
     )
     files["summary"] = _write_summary(output_dir / "cat_summary.json", summary)
     return replace(summary, files=files)
 
 
+def _agreement_doc(model: str, traced: Sequence[TracedFact], compare: Comparison, seed: int, normalize: bool,
+                   hidden_reduction: str, known_only: bool, pairs: dict, clean, corrupted) -> dict:
+    """``agreement.json``: what was compared, how, and the statistics of :func:`agreements`."""
+    patching = {"component": compare.component, "window": compare.window, "noise_samples": compare.samples,
+                "noise_scale": compare.noise_scale, "noise_seed": seed, "corrupted": "subject tokens",
+                "metric": "probability of the true object's first token"}
+    doc = {"model": model, "n_facts": len(traced), "facts": "known to the model" if known_only else "all",
+           "relations": dict(sorted(Counter(t.fact.relation for t in traced).items())),
+           "groups": list(GROUPS),
+           "cat": {"method": "layer_gradient_x_activation", "attributed_fn": "contrast_prob_diff",
+                   "hidden_reduction": hidden_reduction},
+           "normalize": normalize,
+           "normalization": "each fact's [groups, layers] map divided by its largest |value| before averaging"
+                            if normalize else "none: maps averaged as they are",
+           "statistic": "Spearman's rho over layer x position-group cells finite in both maps; per fact (mean over "
+                        "the facts where it is defined) and of the maps averaged over facts",
+           "bootstrap": {"resamples": compare.resamples, "seed": seed, "level": LEVEL,
+                         "method": "percentile; facts resampled with replacement; the same draws for every pair "
+                                   "overall, each relation its own draws"}}
+    if "causal-tracing" in compare.methods:
+        doc["causal_tracing"] = {**patching, "method": "activation_patching (distattr.methods.patching.trace)",
+                                 "mean_p_clean": float(np.mean(clean)), "mean_p_corrupted": float(np.mean(corrupted))}
+    if "atp" in compare.methods:
+        doc["atp"] = {**patching, "method": "attribution_patching"}
+    doc["comparisons"] = pairs
+    return doc
+
+
 def _write_summary(path: Path, s: CatSummary) -> Path:
     doc = {"model": s.model, "hidden_reduction": s.hidden_reduction, "layers": list(s.layers), "groups": list(GROUPS),
            "group_counts": list(s.group_counts), "counts": s.counts,
-           "mean_contrast_prob_diff": s.mean_contrast_prob_diff, "seconds": s.seconds,
+           "mean_contrast_prob_diff": s.mean_contrast_prob_diff, "seconds": s.seconds, "normalize": s.normalize,
            "map": [[None if not np.isfinite(v) else float(v) for v in row] for row in s.map]}
     path.write_text(json.dumps(doc, indent=1), encoding="utf-8")
     return path

@@ -33,6 +33,29 @@ def add_parser(sub) -> argparse.ArgumentParser:
                      help="modules to attribute (default: every decoder block's MLP)")
     cat.add_argument("--all-facts", action="store_true", help="also trace facts the model gets wrong")
     cat.add_argument("--batch-size", type=int, default=32, metavar="N", help="facts per batch (default: 32)")
+    cat.add_argument("--normalize", action="store_true",
+                     help="divide each fact's layer x group map by its largest |value| before averaging (every "
+                          "method's map; Spearman per fact does not change)")
+    cat.add_argument("--compare", type=_compare_methods, metavar="METHODS",
+                     help="also run, on the same facts, a comma list of causal-tracing (ROME: noise on the subject, "
+                          "clean MLP outputs restored) and atp (attribution patching, the same corruption); writes "
+                          "tracing_map.csv, atp_map.csv, compare_maps.png, agreement.json (Spearman with bootstrap "
+                          "intervals, per relation), agreement_facts.csv and fact_maps.npz")
+    from ..casestudies.cat import Comparison
+    from ..methods.patching import COMPONENTS
+
+    plain = Comparison()
+    cat.add_argument("--trace-component", choices=COMPONENTS, metavar="NAME",
+                     help=f"with --compare: what is restored, one of {', '.join(COMPONENTS)} "
+                          f"(default: {plain.component}, ROME's MLP trace)")
+    cat.add_argument("--trace-window", type=int, metavar="N",
+                     help=f"with --compare: layers restored together, centred (default: {plain.window})")
+    cat.add_argument("--trace-samples", type=int, metavar="N",
+                     help=f"with --compare: noise draws averaged (default: {plain.samples}; noise std "
+                          f"{plain.noise_scale:g} x the embedding table's)")
+    cat.add_argument("--resamples", type=int, metavar="N",
+                     help=f"with --compare: bootstrap resamples of the intervals, seeded with --seed "
+                          f"(default: {plain.resamples})")
     cat.set_defaults(func=cmd_cat)
 
     gender = studies.add_parser(
@@ -86,6 +109,38 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress and no status messages")
 
 
+def _compare_methods(text: str) -> tuple[str, ...]:
+    """``--compare``: a comma list of :data:`distattr.casestudies.cat.COMPARE_METHODS`."""
+    from ..casestudies.cat import COMPARE_METHODS
+
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    bad = [n for n in names if n not in COMPARE_METHODS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"{', '.join(map(repr, bad)) or 'nothing'}: give a comma list of "
+                                         f"{', '.join(COMPARE_METHODS)}")
+    return names
+
+
+def _comparison(args):
+    """The :class:`~distattr.casestudies.cat.Comparison` of ``--compare`` and the ``--trace-*`` options (None without
+    ``--compare``); a ``--trace-*`` option without ``--compare`` is a usage error."""
+    from ..casestudies.cat import Comparison
+    from .common import UsageError
+
+    given = {"component": args.trace_component, "window": args.trace_window, "samples": args.trace_samples,
+             "resamples": args.resamples}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.compare is None:
+        if given:
+            flag = "--resamples" if "resamples" in given else f"--trace-{next(iter(given))}"
+            raise UsageError(f"{flag} needs --compare")
+        return None
+    for key in ("window", "samples", "resamples"):
+        if given.get(key, 1) < 1:
+            raise UsageError(f"--{'resamples' if key == 'resamples' else 'trace-' + key} must be at least 1")
+    return Comparison(methods=args.compare, **given)
+
+
 def _no_study(parser: argparse.ArgumentParser) -> int:
     from .common import USAGE_ERROR
 
@@ -122,14 +177,18 @@ def _say(args, message: str) -> None:
 
 def cmd_cat(args) -> int:
     from ..casestudies import cat
+    from .common import UsageError
 
     out = _checked(args)
+    comparison = _comparison(args)
+    if comparison is not None and args.layers:
+        raise UsageError("--compare needs CAT on every decoder block's MLP: leave --layers out")
     facts = cat.load_facts(args.facts)  # a bad file fails before the model loads
     model = _load(args)
     summary = cat.run_cat(model, out, facts, limit=args.limit, seed=args.seed, layers=args.layers,
                           hidden_reduction=args.hidden_reduction, known_only=not args.all_facts,
-                          batch_size=args.batch_size, token_budget=args.token_budget, show_progress=not args.quiet,
-                          log=lambda message: _say(args, message))
+                          batch_size=args.batch_size, token_budget=args.token_budget, normalize=args.normalize,
+                          compare=comparison, show_progress=not args.quiet, log=lambda message: _say(args, message))
     print("\n".join(summary.lines()))
     _say(args, "Wrote " + ", ".join(str(p) for p in summary.files.values()))
     return 0

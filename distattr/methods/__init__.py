@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 import torch
 
 from ..arguments import check_value, field_hints, parse_text
+from .atp import AtPStarArgs, atp_star, attribution_patching
 from .base import MethodOutput, Request
 from .captum_methods import deeplift_attribution
 from .discretized_ig import DiscretizedIGArgs, cached_builder
 from .gradient import LayerTarget, Path, gradient_attribution
 from .internals import attention_attribution
 from .lime import LimeArgs, run_lime
+from .patching import PatchingArgs, activation_patching
 from .perturbation import occlusion_attribution
 from .reagent import ReagentArgs, run_reagent
 from .rows import RowModel, Unit, n_samples_rows, n_steps_rows, one_row
@@ -139,8 +141,8 @@ class Method:
     """Everything about one attribution method.
 
     ``run(request, args) -> list[MethodOutput]``: the runner. ``args``: its frozen argument dataclass.
-    ``kind``: ``"gradient"``, ``"layer"``, ``"internals"``, ``"perturbation"`` (``"custom"`` for user methods
-    that do not say), shown by ``distattr methods``. ``summary``: one line.
+    ``kind``: ``"gradient"``, ``"layer"``, ``"internals"``, ``"perturbation"``, ``"patching"`` (``"custom"`` for user
+    methods that do not say), shown by ``distattr methods``. ``summary``: one line.
     ``cost``: the planner's row model (:class:`~distattr.methods.rows.RowModel`); None = not planned
     (:func:`distattr.planner.plan` refuses the method in one line).
     ``remote(name, args) -> str | None``: why the method cannot run, with these user arguments (a dict),
@@ -296,6 +298,20 @@ def occlusion_rows(args: OcclusionArgs, unit: Unit) -> int:
     return unit.length + 1
 
 
+def patching_rows(args: PatchingArgs, unit: Unit) -> int:
+    """Activation patching's ``points`` per decoder layer (``RowModel.per_layer``): one row per noise draw (one for a
+    contrast) and position; each row runs from its layer and position on, about a quarter of a full row's work on
+    average (half the layers, half the positions), which the row model does not discount."""
+    return (1 if args.corruption == "contrast" else args.noise_samples) * unit.length
+
+
+def atp_rows(args: PatchingArgs, unit: Unit) -> int:
+    """Attribution patching's ``points``: the corrupted rows (noise draws, or one contrast) with a backward per step,
+    plus the clean row (forward only, counted as a row). AtP* with ``grad_drop`` runs one backward per step and
+    layer, which the row model does not count."""
+    return (1 if args.corruption == "contrast" else args.noise_samples) + 1
+
+
 GRADIENT = RowModel(True, one_row)
 PATH = RowModel(True, n_steps_rows)
 DEEPLIFT = RowModel(True, one_row, steps_per_row=1, copies=2)
@@ -339,6 +355,19 @@ METHODS: dict[str, Method] = {
     "lime": Method(run_lime, LimeArgs, "perturbation",
                    "kernel-weighted ridge on random token masks, one surrogate per step (Ribeiro et al. 2016)",
                    RowModel(False, n_samples_rows, whole_sequence=True)),
+    "activation_patching": Method(
+        activation_patching, PatchingArgs, "patching",
+        "restore a component's clean output at each (layer, position) into a corrupted run: indirect effects, "
+        "ROME's causal tracing (Meng et al. 2022)",
+        RowModel(False, patching_rows, whole_sequence=True, per_layer=True), needs_block_internals),
+    "attribution_patching": Method(
+        attribution_patching, PatchingArgs, "patching",
+        "(clean - corrupted activation) . gradient at the corrupted run, every (layer, position) at once (Nanda 2023)",
+        RowModel(True, atp_rows), needs_block_internals),
+    "atp_star": Method(
+        atp_star, AtPStarArgs, "patching",
+        "attribution patching with the QK fix and GradDrop (Kramár et al. 2024)", RowModel(True, atp_rows),
+        needs_block_internals),
     "reagent": Method(run_reagent, ReagentArgs, "perturbation",
                       "recursive random token replacement until the top tokens keep the prediction (Zhao & Shan 2024)"),
 }

@@ -31,6 +31,9 @@ class Example:
             is contrastive.
         contrast_logits: ``[end - start, V]`` logits of the contrastive forward, only with
             ``contrast_force_inputs`` (otherwise the contrast token is scored on the original forward).
+        contrast_ids: ``[M]`` the whole contrastive decoder sequence (``contrast_targets``: contrastive prompt +
+            target), whenever one is given, whatever the attributed function; activation patching runs it as
+            the corrupted input.
     """
 
     target_ids: torch.Tensor
@@ -41,6 +44,7 @@ class Example:
     source_baseline: torch.Tensor | None = None
     contrast_target_ids: torch.Tensor | None = None
     contrast_logits: torch.Tensor | None = None
+    contrast_ids: torch.Tensor | None = None
 
     @property
     def n_steps(self) -> int:

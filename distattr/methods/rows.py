@@ -138,7 +138,9 @@ class RowModel:
     methods ``unit`` is the whole example, all attributed steps). ``steps_per_row``: None = the engine's cost
     model (:func:`choose_width`), 1 = one step per row (stacked prefixes). ``copies``: forwards per row
     (Captum's DeepLIFT runs input and baseline together). ``whole_sequence``: forward-only rows over the whole
-    sequence, one set per example.
+    sequence, one set per example. ``per_layer``: ``points`` counts the rows of one decoder layer, the whole run has
+    that many per layer (activation patching: one restoration per layer and position); the planner multiplies by
+    the model's layer count.
     """
 
     backward: bool
@@ -146,6 +148,7 @@ class RowModel:
     steps_per_row: int | None = None
     copies: int = 1
     whole_sequence: bool = False
+    per_layer: bool = False
 
 
 def one_row(args: object, unit: Unit) -> int:

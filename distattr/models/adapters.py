@@ -123,6 +123,16 @@ class DecoderOnlyAdapter:
             out = self.model.get_decoder()(inputs_embeds=embeds, use_cache=True)
         return out.get("cache", out.get("past_key_values"))
 
+    def forward_cached(self, rows: RowInputs, scored: torch.Tensor, **kwargs):
+        """:meth:`forward` that also keeps the KV cache of the rows: ``(output, cache)``, the cache for
+        :meth:`take_prefix` (rows continued after a prefix of these rows, e.g. patching restorations)."""
+        if self.cache_argument is None:
+            raise ValueError("This model cannot continue rows from a cached prefix")
+        inputs = {"inputs_embeds": rows.target_embeds} if rows.target_embeds is not None else {
+            "input_ids": rows.target_ids}
+        out = _forward_scored(self.model, self.keeps_logits, scored, use_cache=True, **inputs, **kwargs)
+        return out, out["cache"] if "cache" in out else out.get("past_key_values")
+
     @staticmethod
     def take_prefix(cache, length: int, rows: torch.Tensor):
         """A copy of ``cache``'s first ``length`` positions, its batch expanded to ``rows [B]`` (indices into
@@ -285,3 +295,61 @@ def wrap_model(model: nn.Module, prefix_cache: bool = True) -> Adapter:
     if getattr(model.config, "is_encoder_decoder", False):
         return EncoderDecoderAdapter.wrap(model)
     return DecoderOnlyAdapter.wrap(model, prefix_cache=prefix_cache)
+
+
+# ---------------------------------------------------------------- block internals (patching methods)
+
+ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")  # a block's attention sub-module
+MLP_NAMES = ("mlp", "feed_forward", "ffn")  # a block's MLP sub-module
+# query/key/value projections inside the attention module: separate ones (Llama, Mistral, Qwen, OPT, GPT-J, ...)
+# or a fused [q | k | v] projection of equal thirds (GPT-2's ``c_attn``)
+SEPARATE_QKV = ("q_proj", "k_proj", "v_proj")
+FUSED_QKV = ("c_attn",)
+
+
+def block_stack(model: nn.Module) -> nn.ModuleList:
+    """The decoder's transformer blocks in order: the first ``nn.ModuleList`` under ``model.get_decoder()`` (``model``
+    itself when it has no decoder), as Inseq's ``find_block_stack``. A block maps the residual stream
+    ``[B, L, d]`` (its first argument) to the next one."""
+    root = model.get_decoder() if hasattr(model, "get_decoder") else None
+    for _, parent in (root if root is not None else model).named_modules():
+        for child in parent.children():
+            if isinstance(child, nn.ModuleList):
+                return child
+    raise ValueError(f"No block stack (nn.ModuleList) found in {type(model).__name__}")
+
+
+def block_part(block: nn.Module, part: str) -> nn.Module:
+    """A block's attention (``part="attn"``) or MLP (``"mlp"``) sub-module, by the usual attribute names
+    (:data:`ATTENTION_NAMES`, :data:`MLP_NAMES`); its output (first element if a tuple) is ``[B, L, d]``, what the
+    block adds to the residual stream."""
+    names = {"attn": ATTENTION_NAMES, "mlp": MLP_NAMES}[part]
+    for name in names:
+        module = getattr(block, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    children = ", ".join(name for name, _ in block.named_children())
+    raise ValueError(f"{type(block).__name__} has no {part} module named {' or '.join(names)} (its modules: "
+                     f"{children})")
+
+
+def attention_projection(block: nn.Module, which: str) -> tuple[nn.Module, slice | None]:
+    """The module whose output holds a block's queries, keys or values (``which`` = ``"query"``, ``"key"``,
+    ``"value"``, all heads, before any rotary embedding) and the output channels that are theirs (None: all):
+    ``self_attn.q_proj`` for Llama-like models, thirds of GPT-2's fused ``attn.c_attn``."""
+    index = ("query", "key", "value").index(which)
+    attention = block_part(block, "attn")
+    module = getattr(attention, SEPARATE_QKV[index], None)
+    if isinstance(module, nn.Module):
+        return module, None
+    for name in FUSED_QKV:
+        fused = getattr(attention, name, None)
+        if isinstance(fused, nn.Module):
+            width = getattr(fused, "nf", None) or getattr(fused, "out_features", None)
+            if width is None or width % 3:
+                break
+            third = width // 3
+            return fused, slice(index * third, (index + 1) * third)
+    children = ", ".join(name for name, _ in attention.named_children())
+    raise ValueError(f"{type(attention).__name__} has no {which} projection named {SEPARATE_QKV[index]} or a fused "
+                     f"{'/'.join(FUSED_QKV)} (its modules: {children})")
