@@ -22,10 +22,10 @@ from . import alignment
 from .methods.base import Example, MethodOutput, Picks, Request
 from .models.adapters import Adapter, dropout_rerun, id_rows, input_device
 from .models.loading import LoadedModel, context_length
-from .models.memory import default_token_budget
 from .models.quantization import guard_4bit_gradients
 from .models.small_batch import small_batch_linears
 from .options import AttributeOptions, CheckedOptions
+from .planner import token_budget_for
 from .results import AttributionOutput, SequenceAttribution
 from .steps import Contrast, StepContext, StepFunction
 
@@ -512,7 +512,7 @@ def attribute(loaded: LoadedModel, adapter: Adapter, inputs: Inputs, options: At
     call = options if isinstance(options, CheckedOptions) else options.check()
     guard_4bit_gradients(loaded.model)  # bitsandbytes must not repack 4-bit weights in no-grad forwards
     if call.options.token_budget is None:
-        budget = default_token_budget(loaded.model)
+        budget = token_budget_for(loaded.model)  # one policy for attribute() and dataset actors: the planner's
         call = dataclasses.replace(call, options=dataclasses.replace(call.options, token_budget=budget))
     cfg = call.options
     started = time.perf_counter()

@@ -140,3 +140,17 @@ def test_option_types_are_what_the_cli_reads():
             assert f.default is False, f.name  # a store_true flag can only turn it on
         if meta.choices:
             assert f.default in meta.choices
+
+
+def test_attribute_sizes_batches_with_the_planners_policy_like_dataset_actors(tiny, monkeypatch):
+    """One default token budget: attribute() asks distattr.planner.token_budget_for, as every dataset actor does."""
+    import distattr.engine
+    import distattr.jobs.actor  # noqa: F401  (its _load calls planner.token_budget_for)
+    from distattr.planner import token_budget_for
+
+    model = tiny("gpt2")
+    seen = []
+    monkeypatch.setattr(distattr.engine, "token_budget_for", lambda m: seen.append(m) or 77)
+    out = model.attribute("the cat is", "the cat is in", show_progress=False)
+    assert out.info["token_budget"] == 77 and seen == [model.model]
+    assert token_budget_for(model.model) > 0

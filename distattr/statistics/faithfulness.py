@@ -164,9 +164,9 @@ def _check_model(store: Store, model) -> None:
 
 def _request(model, token_budget: int | None):
     from ..methods.base import Request
-    from ..models.memory import default_token_budget
+    from ..planner import token_budget_for
 
-    budget = token_budget or default_token_budget(model.model)
+    budget = token_budget or token_budget_for(model.model)
     return Request(adapter=model.adapter, examples=[], target_fn=None, attribute_target=True, token_budget=budget)
 
 
