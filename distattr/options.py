@@ -154,8 +154,15 @@ def _read_step_score_args(items, raw: Mapping[str, object]) -> dict:
     return {name: parse_step_args(name, pairs) for name, pairs in texts.items()}
 
 
+def parse_pairs(items, flag: str) -> dict:
+    """``["k=v", ...]`` -> ``{k: v}`` with each value read as JSON when it parses, for options whose types are not
+    declared (generation, data and storage options); method and step function arguments are read against their
+    types instead (:func:`distattr.methods.parse_args`, :func:`distattr.steps.parse_step_args`)."""
+    return {key: parse_json_value(value) for key, value in split_pairs(items, flag).items()}
+
+
 def _read_generation_args(items, raw: Mapping[str, object]) -> dict:
-    return {key: parse_json_value(value) for key, value in split_pairs(items, "--generation-arg").items()}
+    return parse_pairs(items, "--generation-arg")
 
 
 def read_alignment(text, raw: Mapping[str, object]) -> str | list[tuple[int, int]] | None:

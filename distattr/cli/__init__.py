@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..logs import LOG_LEVELS
 from ..logs import configure as configure_logging
+from ..options import split_pairs
 from .common import (
     INTERRUPTED,
     SWALLOWED,
@@ -41,7 +42,6 @@ from .common import (
     output_path,
     parse_pairs,
     parse_value,
-    split_pairs,
     with_dataset_extra,
 )
 

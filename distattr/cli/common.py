@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from ..arguments import parse_json_value
-from ..options import AttributeOptions, option_fields, option_types, split_pairs
+from ..options import AttributeOptions, option_fields, option_types, parse_pairs
 from ..redaction import ENV_PREFIX
 
 USAGE_ERROR = 2
@@ -46,13 +46,6 @@ class Parser(argparse.ArgumentParser):
 
 
 parse_value = parse_json_value  # the reading of untyped KEY=VALUE values (generation, data and storage options)
-
-
-def parse_pairs(items: list[str] | None, flag: str) -> dict:
-    """``["k=v", ...]`` -> ``{k: parse_value(v)}`` (JSON when it parses), for options whose types are not
-    declared; method and step function arguments are read against their types instead
-    (:func:`distattr.methods.parse_args`, :func:`distattr.steps.parse_step_args`)."""
-    return {key: parse_value(value) for key, value in split_pairs(items, flag).items()}
 
 
 
