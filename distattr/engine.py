@@ -468,6 +468,7 @@ def run_method(adapter: Adapter, prepared: Prepared, call: CheckedOptions, on_pr
         adapter=adapter, examples=prepared.examples, target_fn=target_function(call),
         attribute_target=cfg.attribute_target or not adapter.is_encoder_decoder,
         hidden_reduction=cfg.hidden_reduction, token_budget=cfg.token_budget, steps_per_row=cfg.steps_per_row,
+        recompute=cfg.recompute,
         on_progress=on_progress, special_ids=special_ids,
     )
     return call.method.run(request, call.method_args)

@@ -187,6 +187,9 @@ def _read_names(values, raw: Mapping[str, object]) -> tuple[str, ...]:
 # ---------------------------------------------------------------- the options
 
 
+RECOMPUTE_CHOICES = ("auto", "always", "never")
+
+
 @dataclass(frozen=True)
 class AttributeOptions:
     """The options of one attribution call (everything but the texts). See the module docstring."""
@@ -230,6 +233,11 @@ class AttributeOptions:
     token_budget: int | None = option(None, metavar="N", speed_only=True,
                                       help="most padded tokens per forward/backward batch; bounds memory (None: "
                                            "sized from the model and device)")
+    recompute: str = option("auto", choices=RECOMPUTE_CHOICES, speed_only=True,
+                            help="gradient methods: keep only the hidden states between decoder blocks and "
+                                 "recompute one block at a time in each backward ('always'), or keep every "
+                                 "block's activations ('never'); 'auto' recomputes when a row's activations do "
+                                 "not fit the token budget. Same numbers either way")
     steps_per_row: int | None = option(None, metavar="N", speed_only=True,
                                        help="generated tokens sharing one forward (None: a cost model chooses)")
     batch_size: int = option(16, metavar="N", speed_only=True, help="inputs per generation batch")
@@ -261,6 +269,8 @@ class AttributeOptions:
         for name, kwargs in self.step_scores_args.items():
             steps.check_step_args(name, dict(kwargs))
         check_generation_args(dict(self.generation_args))
+        if self.recompute not in RECOMPUTE_CHOICES:
+            raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE_CHOICES)}, not {self.recompute!r}")
         if self.hidden_reduction not in ("vnorm", "sum"):
             raise ValueError(f"hidden_reduction must be 'vnorm' or 'sum', not {self.hidden_reduction!r}")
         for name in ("token_budget", "steps_per_row", "batch_size"):

@@ -31,7 +31,13 @@ slack; accelerate's guide: 1-2 GB).
 Rows and passes come from the engine's own cost model (:mod:`distattr.methods.rows`): the steps of an example
 are grouped into units (:func:`~distattr.methods.rows.choose_width`), a unit becomes one row per path point,
 rows are packed under the token budget (:func:`~distattr.methods.rows.pack`) and the step backwards of a batch
-run ``VJP_TOKEN_FACTOR``-bounded groups at a time, as in :mod:`distattr.methods.gradient`.
+run in groups bounded by the kernel's :class:`~distattr.methods.gradient.Memory`, as in
+:mod:`distattr.methods.gradient`.
+
+Recomputation. When not even one row fits with every block's activations (or when asked), the plan is that of
+the gradient kernel's block-wise recomputation (:mod:`distattr.models.recompute`): a block keeps the hidden state
+entering it (``length x hidden`` per row) and each device the activations of the one block being recomputed plus
+the batched step backwards through it. Each backward pass then costs one more forward through the blocks.
 """
 
 from __future__ import annotations
@@ -53,10 +59,17 @@ from . import methods as method_registry
 from .configs import SHIPPED_CONFIGS, config_path
 from .methods import build_args
 from .methods.base import NO_GRAD_BUDGET_FACTOR, Example
-from .methods.gradient import VJP_TOKEN_FACTOR
+from .methods.gradient import Memory
 from .methods.rows import RowModel, Unit, choose_width, pack, plan_units
 from .models.loading import context_length
-from .models.memory import activation_bytes_per_layer_token, decoder_layer_count, default_token_budget
+from .models.memory import (
+    activation_bytes_per_layer_token,
+    decoder_layer_count,
+    default_token_budget,
+    hidden_size,
+    recompute_kept_share,
+)
+from .options import RECOMPUTE_CHOICES
 
 GIB = 2**30
 GB = 10**9
@@ -349,7 +362,9 @@ class Plan:
     ``device_map`` can be passed to ``load_model(..., device_map=plan.device_map)``; ``token_budget`` to
     ``attribute(..., token_budget=plan.token_budget)``. ``rows`` counts rows per example (a row is one forward
     over a unit's prefix; a unit serves ``steps_per_row`` generated tokens); ``forward_passes`` and
-    ``backward_passes`` are for ``examples`` examples.
+    ``backward_passes`` are for ``examples`` examples. ``recompute``: the rows keep only the hidden states between
+    decoder blocks and every backward pass recomputes the blocks (``recompute_passes`` extra block forwards, one
+    per backward pass).
     """
 
     model: str
@@ -375,6 +390,8 @@ class Plan:
     rows: int
     forward_passes: int
     backward_passes: int
+    recompute: bool = False
+    recompute_passes: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -399,6 +416,7 @@ def plan(
     double_quant: bool = True,
     steps_per_row: int | None = None,
     reserve: int | str | None = None,
+    recompute: str = "auto",
 ) -> Plan:
     """Plan an attribution run of ``model`` on ``devices`` without loading any weights.
 
@@ -415,6 +433,10 @@ def plan(
         examples: examples planned together (passes count all of them).
         steps_per_row: the engine's ``steps_per_row`` (None: its cost model).
         reserve: bytes kept free on each accelerator (default 2 GiB).
+        recompute: ``"always"``, ``"never"`` or ``"auto"`` (when not even one row fits otherwise) plan the
+            gradient kernel's block-wise recomputation (``attribute(recompute=...)``): each decoder block keeps the
+            hidden state entering it, and each device the activations of the one block being recomputed and the
+            batched step backwards through it (see :class:`~distattr.methods.gradient.Memory`).
     Raises:
         PlanError: bad input, weights that do not fit, or not even one row fitting (with the shortfall).
     """
@@ -434,6 +456,11 @@ def plan(
     # a whole-sequence row scores every attributed token; a unit's row scores its steps
     width = generated if row_model.whole_sequence else row_model.steps_per_row or steps_per_row or \
         choose_width(stand_ins)
+    if recompute not in RECOMPUTE_CHOICES:
+        raise PlanError(f"recompute must be one of {', '.join(RECOMPUTE_CHOICES)}, not {recompute!r}")
+    if recompute == "always" and not row_model.recomputes:
+        raise PlanError(f"method {method!r} does not run through the recomputing gradient kernel; use "
+                        "--recompute auto or never")
     placer = Placer.build(meta, devices, reserve_bytes, row_model, config, dtype, max_length, width)
 
     weights_only = placer(0)
@@ -441,16 +468,18 @@ def plan(
         raise PlanError(f"the weights ({_gib(placer.weight_bytes)}) do not fit on the devices given: "
                         f"{_gib(weights_only.homeless)} of them find no room ({_offload_note(weights_only, placer)}); "
                         "give more or larger devices, or quantize (--quantization nf4)")
+    # recompute as the engine does: always, or (auto) when not even one row fits with every block's activations
+    if row_model.recomputes and (recompute == "always" or (recompute == "auto" and placer(1).homeless)):
+        placer = Placer.build(meta, devices, reserve_bytes, row_model, config, dtype, max_length, width,
+                              recompute=True)
     if placer(1).homeless:
         raise PlanError(_one_row_message(placer, placer(1), max_length, devices, quantization))
     layers = decoder_layer_count(config) if row_model.per_layer else 1  # activation patching: rows per layer
     rows_needed = _rows_needed(row_model, args, stand_ins, width, layers)
     rows_fit = _most_rows(placer, min(rows_needed, getattr(args, "internal_batch_size", None) or rows_needed))
     placement = placer(rows_fit)
-    budget = rows_fit * max_length
-    if not row_model.backward:
-        budget = math.ceil(budget / NO_GRAD_BUDGET_FACTOR)  # the engine multiplies it back for no-grad forwards
-    rows, forwards, backwards = _passes(row_model, args, stand_ins, width, rows_fit, budget, layers)
+    budget = placer.token_budget(rows_fit * max_length)
+    rows, forwards, backwards = _passes(row_model, args, stand_ins, width, rows_fit, placer.memory(budget), layers)
     return Plan(
         model=name, model_class=type(meta).__name__, dtype=str(dtype).removeprefix("torch."),
         quantization=quantization, double_quant=double_quant and quantization in ("nf4", "fp4"), method=method,
@@ -461,6 +490,7 @@ def plan(
         activation_bytes_per_token=activation_bytes_per_layer_token(config, dtype) * decoder_layer_count(config),
         row_activation_bytes=placer.row_bytes, rows_per_batch=rows_fit, token_budget=budget, steps_per_row=width,
         rows=rows // examples, forward_passes=forwards, backward_passes=backwards,
+        recompute=placer.recompute is not None, recompute_passes=backwards if placer.recompute is not None else 0,
     )
 
 
@@ -483,6 +513,11 @@ class Placer:
     ``limits``: each device's memory minus its reserve. With accelerators, weights put on the CPU would be
     offloaded; under a backward autograd keeps each offloaded weight on the accelerator until the backward, so
     offloading saves little and is not planned.
+
+    With ``recompute`` (the gradient kernel's :class:`~distattr.methods.gradient.Memory` for one row) a block
+    keeps only the hidden state entering it (``block_row``), and every device that may hold blocks keeps room for
+    ``working_row`` per row: the activations of the one block being recomputed plus the batched step backwards
+    through it (``recompute.slots_per_backward`` slots, each about one block's activations).
     """
 
     model: nn.Module
@@ -493,10 +528,13 @@ class Placer:
     head: str | None
     block_row: int
     head_row: int
+    backward: bool = True
+    recompute: Memory | None = None
+    working_row: int = 0
 
     @classmethod
     def build(cls, model, devices, reserve: int, row_model: RowModel, config, dtype, max_length: int,
-              scored_per_row: int) -> Placer:
+              scored_per_row: int, recompute: bool = False) -> Placer:
         from accelerate.utils import compute_module_sizes
 
         blocks = tuple(decoder_blocks(model))
@@ -504,15 +542,37 @@ class Placer:
             raise PlanError(f"{type(model).__name__} declares no decoder block classes (_no_split_modules), so the "
                             "planner cannot tell which devices hold which layers")
         vocab = config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size
-        block_row = max_length * activation_bytes_per_layer_token(config, dtype) * row_model.copies
+        layer_row = max_length * activation_bytes_per_layer_token(config, dtype) * row_model.copies
+        block_row = layer_row
         head_row = scored_per_row * vocab * (dtype.itemsize + (8 if row_model.backward else 4))
         if not row_model.backward:
             block_row //= NO_GRAD_BUDGET_FACTOR
+        memory, working_row = None, 0
+        if recompute:
+            share, n_layers = recompute_kept_share(config), decoder_layer_count(config)
+            memory = Memory(math.ceil(2 * share * max_length), True, share, n_layers)
+            slots = min(scored_per_row, memory.slots_per_backward(max_length))
+            block_row = max_length * hidden_size(config) * dtype.itemsize * row_model.copies
+            working_row = layer_row * (1 + slots)
         accelerators = any(d.key != "cpu" for d in devices)
         return cls(model=model, sizes=dict(compute_module_sizes(model)),
                    limits={d.key: d.memory - (reserve if d.key != "cpu" else 0) for d in devices},
                    offloaded=frozenset({"disk", "cpu"} if accelerators else {"disk"}), blocks=blocks,
-                   head=_head_name(model), block_row=block_row, head_row=head_row)
+                   head=_head_name(model), block_row=block_row, head_row=head_row, backward=row_model.backward,
+                   recompute=memory, working_row=working_row)
+
+    def token_budget(self, batch_tokens: int) -> int:
+        """The ``token_budget`` with which the engine makes batches of ``batch_tokens`` tokens: a forward-only
+        method gets ``NO_GRAD_BUDGET_FACTOR`` times its budget, recomputation ``1 / (2 kept_share)`` times."""
+        if self.recompute is not None:
+            return math.ceil(2 * self.recompute.kept_share * batch_tokens)
+        return batch_tokens if self.backward else math.ceil(batch_tokens / NO_GRAD_BUDGET_FACTOR)
+
+    def memory(self, token_budget: int) -> Memory:
+        """The engine's :class:`~distattr.methods.gradient.Memory` for ``token_budget``."""
+        if self.recompute is None:
+            return Memory(token_budget)
+        return dataclasses.replace(self.recompute, token_budget=token_budget)
 
     @property
     def weight_bytes(self) -> int:
@@ -520,8 +580,8 @@ class Placer:
 
     @property
     def row_bytes(self) -> int:
-        """Activations of one ``max_length`` row over all devices."""
-        return len(self.blocks) * self.block_row + (self.head_row if self.head else 0)
+        """Activations of one ``max_length`` row over all devices (with recomputation, one device's working room)."""
+        return len(self.blocks) * self.block_row + (self.head_row if self.head else 0) + self.working_row
 
     @property
     def room(self) -> int:
@@ -532,9 +592,11 @@ class Placer:
         acts = {b: rows * self.block_row for b in self.blocks}
         if self.head:
             acts[self.head] = rows * self.head_row
+        working = rows * self.working_row  # on every usable device, which may hold blocks
+        limits = {k: v - (working if k not in self.offloaded else 0) for k, v in self.limits.items()}
         with activation_buffers(self.model, acts):
-            device_map = place(self.model, self.limits)
-        used = {k: [0, 0] for k in self.limits}
+            device_map = place(self.model, {k: max(v, 0) for k, v in limits.items()})
+        used = {k: [0, working if k not in self.offloaded else 0] for k in self.limits}
         homeless = 0
         for module, where in device_map.items():
             weight = self.sizes.get(module, 0)  # a tied module (lm_head = embed_tokens) is counted with its owner
@@ -660,9 +722,9 @@ def _rows_needed(row_model: RowModel, args, examples: list[Example], width: int,
 
 
 def _passes(row_model: RowModel, args, examples: list[Example], width: int, rows_fit: int,
-            budget: int, layers: int = 1) -> tuple[int, int, int]:
-    """``(rows, forward passes, backward passes)`` for ``examples``, batched as the engine batches them
-    (``layers``: the rows of a ``per_layer`` model are per decoder layer)."""
+            memory: Memory, layers: int = 1) -> tuple[int, int, int]:
+    """``(rows, forward passes, backward passes)`` for ``examples``, batched as the engine batches them with
+    ``memory`` (``layers``: the rows of a ``per_layer`` model are per decoder layer)."""
     if row_model.whole_sequence:
         whole = Unit(0, tuple(range(examples[0].start, examples[0].end)))
         per_example = row_model.points(args, whole) * layers
@@ -671,11 +733,11 @@ def _passes(row_model: RowModel, args, examples: list[Example], width: int, rows
     units = plan_units(examples, width)
     counts = [row_model.points(args, u) for u in units]
     forwards = backwards = 0
-    for batch in pack(units, counts, budget):
+    for batch in pack(units, counts, memory.batch_tokens):
         n_rows = sum(len(p.points) for p in batch)
         n_slots = max(len(units[p.unit].steps) for p in batch)
         batch_tokens = n_rows * max(units[p.unit].length for p in batch)
-        group = max(1, min(n_slots, VJP_TOKEN_FACTOR * budget // max(batch_tokens, 1)))
+        group = min(n_slots, memory.slots_per_backward(batch_tokens))
         forwards += 1
         backwards += math.ceil(n_slots / group)
     return sum(counts), forwards, backwards
@@ -787,6 +849,10 @@ def _table_lines(p: Plan) -> list[str]:
         f"row: {_gib(p.row_activation_bytes)} over all devices",
         f"batch        {p.rows_per_batch} rows of {p.max_length} tokens (token_budget={p.token_budget})",
         f"rows         {p.rows} per example ({p.steps_per_row} attributed tokens per row)",
-        f"passes       {p.forward_passes} forward, {p.backward_passes} backward",
+        f"passes       {p.forward_passes} forward, {p.backward_passes} backward"
+        + (f", {p.recompute_passes} block recomputations (one per backward)" if p.recompute else ""),
     ]
+    if p.recompute:
+        lines.insert(-3, "recompute    yes: each decoder block keeps the hidden state entering it; the backwards "
+                         "recompute one block at a time")
     return lines

@@ -247,13 +247,56 @@ def test_a_budget_too_small_for_one_row_says_by_how_much():
     from distattr.methods.rows import choose_width
 
     with pytest.raises(PlanError, match="not even one row of 2048 tokens fits") as err:
-        plan("llama-3-70b", "1x48GiB", "nf4", "integrated_gradients", 2048, 256)
+        plan("llama-3-70b", "1x48GiB", "nf4", "integrated_gradients", 2048, 256, recompute="never")
     weights = plan("llama-3-70b", "1x80GiB", "nf4", "saliency", 64, 8).weight_bytes
     ids = torch.zeros(2048, dtype=torch.long)
     width = choose_width([Example(ids, ids, start=2048 - 256, end=2048)])  # generated tokens per row
     row = 2048 * activation_bytes_per_token(_config("llama-3-70b"), torch.bfloat16) + width * 128256 * (2 + 8)
     short = row - (48 * GIB - 2 * GIB - weights)
     assert f"short by {short / GIB:.2f} GiB ({short} bytes)" in str(err.value)
+
+
+def test_long_rows_are_planned_with_recomputation():
+    """Llama-3-70B in NF4 at 8,192 tokens on one 80 GiB device: every block's activations (3.25 GiB per block)
+    fit nowhere, so ``auto`` plans the recomputing kernel: a block keeps the hidden state entering it, the device
+    the working room of one block, and each backward pass recomputes the blocks."""
+    with pytest.raises(PlanError, match="not even one row of 8192 tokens fits"):
+        plan("llama-3-70b", "1x80GiB", "nf4", "saliency", 8192, 256, recompute="never")
+    p = plan("llama-3-70b", "1x80GiB", "nf4", "saliency", 8192, 256)
+    assert p.recompute and p.recompute_passes == p.backward_passes > 0 and p.forward_passes >= 1
+    device = p.devices[0]
+    assert device.free >= 0 and device.blocks == 80
+    boundaries = 80 * 8192 * 8192 * 2  # hidden states entering the 80 blocks, bfloat16
+    block = 8192 * activation_bytes_per_token(_config("llama-3-70b"), torch.bfloat16) // 80
+    assert boundaries + block < device.activations < boundaries + 16 * block
+    assert "block recomputations (one per backward)" in p.table()
+    # the engine, given the plan's budget, recomputes and makes the same batches
+    from distattr.methods.gradient import kernel_memory
+    from distattr.planner import build_meta_model
+
+    meta = build_meta_model(_config("llama-3-70b"), torch.bfloat16)
+    memory = kernel_memory(meta, p.token_budget, 8192, "auto")
+    assert memory.recompute and memory.batch_tokens >= p.rows_per_batch * 8192
+    assert memory.batch_tokens < (p.rows_per_batch + 1) * 8192
+
+
+def test_an_8b_model_at_32k_tokens_on_one_device():
+    p = plan("llama-3.1-8b", "1x80GiB", None, "saliency", 32768, 256)
+    assert p.recompute and p.rows_per_batch >= 1 and p.devices[0].free >= 0
+    assert p.n_params == 8_030_261_248  # Llama 3.1 8B
+    with pytest.raises(PlanError, match="longer than llama-3.1-8b's context of 131072 tokens"):
+        plan("llama-3.1-8b", "1x80GiB", None, "saliency", 200_000, 256)
+    with pytest.raises(PlanError, match="longer than llama-3-70b's context of 8192 tokens"):
+        plan("llama-3-70b", "1x80GiB", "nf4", "saliency", 16384, 256)
+
+
+def test_recompute_is_planned_only_for_the_gradient_kernel():
+    with pytest.raises(PlanError, match="does not run through the recomputing gradient kernel"):
+        plan("smollm2-135m", "cpu=8GiB", None, "deeplift", 512, 8, recompute="always")
+    with pytest.raises(PlanError, match="recompute must be one of auto, always, never"):
+        plan("smollm2-135m", "cpu=8GiB", None, "saliency", 512, 8, recompute="yes")
+    short = plan("smollm2-135m", "cpu=8GiB", None, "saliency", 512, 8)
+    assert not short.recompute and short.recompute_passes == 0  # it fits: auto keeps every block's activations
 
 
 def test_weights_that_do_not_fit_are_refused():
@@ -330,8 +373,11 @@ def test_cli_plan_table_and_json(capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["n_params"] == pytest.approx(72.71e9, rel=0.002) and len(data["devices"]) == 2
     assert main(["plan", "--model", "llama-3-70b", "--devices", "1x48GiB", "--quantization", "nf4",
-                 "--max-length", "2048", "--generated", "256"]) == 2
+                 "--max-length", "2048", "--generated", "256", "--recompute", "never"]) == 2
     assert "short by" in capsys.readouterr().err
+    assert main(["plan", "--model", "llama-3-70b", "--devices", "1x80GiB", "--quantization", "nf4",
+                 "--method", "saliency", "--max-length", "8192", "--generated", "256"]) == 0
+    assert "block recomputations (one per backward)" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- the embedded model, measured

@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--reserve", default="2GiB", metavar="SIZE", help="kept free per accelerator (default 2GiB)")
     plan.add_argument("--steps-per-row", type=int, metavar="N",
                       help="generated tokens per row, as attribute's steps_per_row (default: the cost model)")
+    plan.add_argument("--recompute", default="auto", choices=("auto", "always", "never"),
+                      help="plan block-wise recomputation in the backward: auto (when a row does not fit otherwise, "
+                           "as attribute does), always or never (default: %(default)s)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(func=cmd_plan)
     sub.add_parser("methods", help="list the attribution methods").set_defaults(func=cmd_methods)
@@ -297,7 +300,8 @@ def cmd_plan(args) -> int:
         {key: parse_value(text) for key, text in texts.items()}  # the planner names the methods it plans
     result = plan(args.model, args.devices, args.quantization, args.method, args.max_length, args.generated,
                   dtype=args.dtype, method_args=method_args, examples=args.examples,
-                  double_quant=not args.no_double_quant, steps_per_row=args.steps_per_row, reserve=args.reserve)
+                  double_quant=not args.no_double_quant, steps_per_row=args.steps_per_row, reserve=args.reserve,
+                  recompute=args.recompute)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
     return 0
 

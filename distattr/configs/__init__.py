@@ -9,6 +9,7 @@ from pathlib import Path
 # name -> (file in this folder, the Hugging Face repository whose config.json it is)
 SHIPPED_CONFIGS: dict[str, tuple[str, str]] = {
     "llama-3-70b": ("llama-3-70b.json", "meta-llama/Meta-Llama-3-70B"),
+    "llama-3.1-8b": ("llama-3.1-8b.json", "meta-llama/Llama-3.1-8B"),  # 128k context (Llama-3-8B's is 8k)
     "llama-2-70b": ("llama-2-70b.json", "meta-llama/Llama-2-70b-hf"),
     "mixtral-8x7b": ("mixtral-8x7b.json", "mistralai/Mixtral-8x7B-v0.1"),
     "qwen2-72b": ("qwen2-72b.json", "Qwen/Qwen2-72B"),

@@ -312,8 +312,8 @@ def atp_rows(args: PatchingArgs, unit: Unit) -> int:
     return (1 if args.corruption == "contrast" else args.noise_samples) + 1
 
 
-GRADIENT = RowModel(True, one_row)
-PATH = RowModel(True, n_steps_rows)
+GRADIENT = RowModel(True, one_row, recomputes=True)
+PATH = RowModel(True, n_steps_rows, recomputes=True)
 DEEPLIFT = RowModel(True, one_row, steps_per_row=1, copies=2)
 
 # cost=None (attention, value_zeroing, reagent): not planned; their memory (attention maps, per-layer zeroed
@@ -327,7 +327,7 @@ METHODS: dict[str, Method] = {
     "sequential_integrated_gradients": Method(
         run_sequential_integrated_gradients, SequentialIntegratedGradientsArgs, "gradient",
         "integrated gradients with one path per token, the others kept at the input (Enguehard 2023)",
-        RowModel(True, sequential_rows)),
+        RowModel(True, sequential_rows)),  # its rows continue a cached prefix: not recomputed
     "discretized_integrated_gradients": Method(
         run_discretized_integrated_gradients, DiscretizedIGArgs, "gradient",
         "IG along monotonic paths through word embeddings (Sanyal & Ren 2021)", PATH),
@@ -335,7 +335,7 @@ METHODS: dict[str, Method] = {
                        DEEPLIFT),
     "gradient_shap": Method(run_gradient_shap, GradientShapArgs, "gradient",
                             "expected gradients at random path points (Lundberg & Lee 2017)",
-                            RowModel(True, n_samples_rows)),
+                            RowModel(True, n_samples_rows, recomputes=True)),
     "layer_integrated_gradients": Method(run_layer_integrated_gradients, LayerIntegratedGradientsArgs, "layer",
                                          "integrated gradients over a layer's output", PATH,
                                          layers_outside_remote_blocks),

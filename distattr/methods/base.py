@@ -91,6 +91,8 @@ class Request:
             default) or ``"sum"`` (signed; IG completeness holds for it).
         token_budget: most tokens (rows x padded length) in one forward/backward batch.
         steps_per_row: attribution steps sharing one forward (None: chosen by the cost model).
+        recompute: gradient methods: ``"always"``/``"never"`` recompute the transformer blocks in the backward
+            (:mod:`distattr.models.recompute`), or ``"auto"``: when a row does not fit the token budget.
         special_ids: the tokenizer's special token ids (discretized IG keeps their paths constant).
     """
 
@@ -101,6 +103,7 @@ class Request:
     hidden_reduction: str = "vnorm"
     token_budget: int = 256
     steps_per_row: int | None = None
+    recompute: str = "never"
     on_progress: Callable[[int, int], None] | None = None
     special_ids: frozenset[int] = frozenset()
 

@@ -32,6 +32,8 @@ import torch
 from torch import nn
 
 from ..models.adapters import RowInputs, batched_backward_attention, dropout_rerun, id_rows
+from ..models.memory import decoder_layer_count, recompute_kept_share
+from ..models.recompute import recomputed_blocks
 from .base import (
     Example,
     MethodOutput,
@@ -47,6 +49,48 @@ from .rows import Piece, Unit, pack, pack_suffixes, plan_units
 # Step slots per batched backward: at most this many times the token budget in (slots x batch tokens), which
 # bounds the backward's transient gradient memory (activations saved by the forward are not duplicated).
 VJP_TOKEN_FACTOR = 8
+
+
+@dataclass(frozen=True)
+class Memory:
+    """How a gradient run fills its token budget ``B``: the tokens whose activations, kept in every block for a
+    backward, fit the memory given to the run.
+
+    Without recomputation a batch holds at most ``B`` tokens, and one backward call batches
+    ``VJP_TOKEN_FACTOR * B / T`` step slots of a ``T``-token batch. With recomputation a token keeps
+    ``kept_share`` of its activations (:func:`~distattr.models.memory.recompute_kept_share`); a batch holds at
+    most ``B / (2 kept_share)`` tokens, and the vmapped backward of ``G`` slots through one recomputed block,
+    about ``G T`` tokens of one block's activations, ``G T / layers`` budget tokens, takes what the batch leaves
+    of the budget. Every backward call recomputes each block once, so the more slots per call the cheaper.
+    """
+
+    token_budget: int
+    recompute: bool = False
+    kept_share: float = 1.0
+    layers: int = 1
+
+    @property
+    def batch_tokens(self) -> int:
+        """Most padded tokens in one forward batch."""
+        if not self.recompute:
+            return self.token_budget
+        return max(1, int(self.token_budget / (2 * self.kept_share)))
+
+    def slots_per_backward(self, tokens: int) -> int:
+        """Step slots batched into one backward call over a ``tokens``-token batch (at least 1)."""
+        if not self.recompute:
+            return max(1, VJP_TOKEN_FACTOR * self.token_budget // max(tokens, 1))
+        left = self.token_budget - tokens * self.kept_share
+        return max(1, int(left * self.layers / max(tokens, 1)))
+
+
+def kernel_memory(model, token_budget: int, longest_row: int, mode: str) -> Memory:
+    """The :class:`Memory` of a run whose longest row has ``longest_row`` tokens: recomputation ``"always"``,
+    ``"never"``, or ``"auto"``: when one row alone holds more tokens than the budget."""
+    recompute = mode == "always" or (mode == "auto" and longest_row > token_budget)
+    if not recompute:
+        return Memory(token_budget)
+    return Memory(token_budget, True, recompute_kept_share(model.config), decoder_layer_count(model.config))
 
 
 @dataclass(frozen=True)
@@ -127,13 +171,16 @@ def gradient_attribution(req: Request, path: Path, layer: LayerTarget | None = N
         def first_position(u: int, q: int) -> int:
             return _moved_tokens(req, units[u])[q // path.n_points][1]
 
+        memory = Memory(req.token_budget)  # rows that extend a KV cache are not recomputed
         batches = pack_suffixes(units, counts, req.token_budget, first_position)
     else:
-        batches = pack(units, counts, req.token_budget, source_lens)
+        longest = max((u.length + s for u, s in zip(units, source_lens, strict=True)), default=0)
+        memory = kernel_memory(req.adapter.model, req.token_budget, longest, req.recompute)
+        batches = pack(units, counts, memory.batch_tokens, source_lens)
     accumulators: dict[int, _Accumulator] = {}
     clean_caches: dict[tuple[int, ...], object] = {}  # the KV cache of the current batch's units, kept across batches
     for batch in batches:
-        _run_batch(req, path, layer, units, counts, batch, accumulators, outputs, sums, clean_caches)
+        _run_batch(req, path, layer, units, counts, batch, accumulators, outputs, sums, clean_caches, memory)
         if req.on_progress is not None:
             finished = {p.unit for p in batch} - set(accumulators)
             req.on_progress(sum(len(units[u].steps) for u in finished),
@@ -228,10 +275,11 @@ def _unit_ids(req: Request, units: list[Unit], rows: _Rows, side: str):
 
 def _run_batch(req: Request, path: Path, layer: LayerTarget | None, units: list[Unit], counts: list[int],
                batch: list[Piece], accumulators: dict[int, _Accumulator], outputs: list,
-               sums: list[torch.Tensor], clean_caches: dict) -> None:
+               sums: list[torch.Tensor], clean_caches: dict, memory: Memory) -> None:
     """One forward over the batch's rows, then the backward of every step slot, several slots per batched
-    (``vmap``) backward; results go to the units. ``clean_caches`` holds the KV cache of the last batch's
-    units (sequential IG with cached prefixes: consecutive batches of one unit share it)."""
+    (``vmap``) backward, the blocks recomputed in each backward when ``memory`` says so; results go to the
+    units. ``clean_caches`` holds the KV cache of the last batch's units (sequential IG with cached prefixes:
+    consecutive batches of one unit share it)."""
     adapter = req.adapter
     device = adapter.input_device
     rows = _expand(req, units, batch, path, device)
@@ -304,10 +352,11 @@ def _run_batch(req: Request, path: Path, layer: LayerTarget | None, units: list[
     whole_rows = model_rows  # MC dropout reruns whole rows
     if prefix:
         whole_rows = RowInputs(target_embeds=torch.cat([clean_prefix, leaves["target"]], dim=1))
+    longest = max(scored.shape[1], inputs["source_mask"].shape[1] if "source_mask" in inputs else 0)
     try:
-        with torch.enable_grad():
-            longest = max(scored.shape[1], inputs["source_mask"].shape[1] if "source_mask" in inputs else 0)
-            with _recorded_head_inputs(adapter) as head_inputs, batched_backward_attention(adapter.model, longest):
+        # the backwards recompute the blocks with the attention implementation of the forward
+        with torch.enable_grad(), batched_backward_attention(adapter.model, longest):
+            with _recorded_head_inputs(adapter) as head_inputs, recomputed_blocks(adapter.model, memory.recompute):
                 logits = adapter.forward(model_rows, scored[:, prefix:]).logits
                 rerun = dropout_rerun(adapter, whole_rows, scored)
                 f = check_differentiable(req.target_fn(logits, Picks.gather(entries), rerun))
@@ -318,7 +367,7 @@ def _run_batch(req: Request, path: Path, layer: LayerTarget | None, units: list[
             tokens = scored[:, prefix:].numel() + (inputs["source_mask"].numel() if "source_mask" in inputs else 0)
             names = list(leaves)  # layer methods create theirs in the forward
             for k, grads in _slot_gradients(output, entry_rows, entry_cotangents, slot, list(leaves.values()),
-                                            VJP_TOKEN_FACTOR * req.token_budget // max(tokens, 1)):
+                                            memory.slots_per_backward(tokens)):
                 step_grads = {n: None if g is None else _left_pad(g, prefix) for n, g in zip(names, grads, strict=True)}
                 _accumulate(req, path, units, counts, batch, rows, k, step_grads, multipliers, accumulators, outputs,
                             sums)

@@ -140,7 +140,8 @@ class RowModel:
     (Captum's DeepLIFT runs input and baseline together). ``whole_sequence``: forward-only rows over the whole
     sequence, one set per example. ``per_layer``: ``points`` counts the rows of one decoder layer, the whole run has
     that many per layer (activation patching: one restoration per layer and position); the planner multiplies by
-    the model's layer count.
+    the model's layer count. ``recomputes``: the rows run through the gradient kernel, which can keep only the
+    hidden states between blocks and recompute them in the backward (:mod:`distattr.models.recompute`).
     """
 
     backward: bool
@@ -149,6 +150,7 @@ class RowModel:
     copies: int = 1
     whole_sequence: bool = False
     per_layer: bool = False
+    recomputes: bool = False
 
 
 def one_row(args: object, unit: Unit) -> int:

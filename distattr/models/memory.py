@@ -34,6 +34,11 @@ def _text_dims(config) -> tuple[int, int, int, int]:
     return hidden, inter, layers, routed
 
 
+def hidden_size(config) -> int:
+    """The hidden size of a (text) config: the width of the residual stream between blocks."""
+    return _text_dims(config)[0]
+
+
 def decoder_layer_count(config) -> int:
     """Decoder layers of a (text) config, as the activation model counts them."""
     return _text_dims(config)[2]
@@ -54,6 +59,16 @@ def activation_bytes_per_token(config, dtype: torch.dtype) -> int:
     backward's transients) to 0.62-0.88 of it, so it bounds an attribution batch's peak with some margin.
     """
     return decoder_layer_count(config) * activation_bytes_per_layer_token(config, dtype)
+
+
+def recompute_kept_share(config) -> float:
+    """With block-wise recomputation (:mod:`distattr.models.recompute`), the share of a token's activations
+    that stays in memory: the hidden state entering each of the ``n`` decoder layers plus one layer's full
+    activations (the block being recomputed), ``(n d + a) / (n a)`` with ``a`` the per-layer values of
+    :func:`activation_bytes_per_layer_token`. SmolLM2-135M: 0.077; Llama-3-70B: 0.051."""
+    hidden, _, layers, _ = _text_dims(config)
+    per_layer = activation_bytes_per_layer_token(config, torch.float32) / 4
+    return (layers * hidden + per_layer) / (layers * per_layer)
 
 
 def default_token_budget(model: torch.nn.Module) -> int:
