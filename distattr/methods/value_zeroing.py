@@ -61,7 +61,7 @@ Two exact formulations (``strategy``):
   ``x_i = sum_k A_h[i, k] v_{k, h}`` per head (``x`` = the output projection's input), so zeroing ``v_j`` gives
   ``x_i - A_h[i, j] v_{j, h}``, and everything in the block after the attention is position-wise. The clean
   forward also records each block's ``A`` (eager weights, query rows ``>= T0`` only), ``v`` and ``x`` (up to
-  :data:`RECORD_BYTES` of weights; later blocks are re-run once to get them); then only the reported pairs
+  :data:`RECORD_BYTES` of such internals; later blocks are re-run once to get them); then only the reported pairs
   ``(i >= T0, j <= i)`` go through the output projection and the rest of the block (norms, MLP), with the
   attention module's forward replaced by the corrupted outputs, as one sequence of ``P`` positions (chunks of
   ``token_budget``). ``T0`` is the first reported query row (``start - 1``; 0 with rollout). Every block is
@@ -85,6 +85,14 @@ steps; ``F(L)`` = a full forward over ``L`` tokens):
   for the corrupted rows. SmolLM2-135M, 10-token prompt + 8 generated tokens (``L = 17``): Inseq 18 full
   forwards of 17 tokens (with the LM head); distattr 1 forward + 108 post-attention positions per block (about
   5 more forwards' worth of block work: the post-attention part is ~84% of this model's block).
+
+Device memory (long contexts): per-layer results never pile up on the accelerator. Distances go to the host as
+each batch of a layer is done (float64 ``[layers, L, L]`` on the CPU); the model is run with
+``output_attentions=False``, so its attention weights are freed with each block (``attention`` streams them the
+same way: :mod:`distattr.methods.internals`); the fast path keeps a block's internals from the clean forward only
+while all kept ones fit :data:`RECORD_BYTES` (counting the storage they hold), and drops the others when their
+block returns; and each block's recorded input and internals are released once its layer is scored. What stays
+for all blocks until their turn is the clean forward's block inputs (``[1, L, d]`` each, the residual stream).
 """
 
 from __future__ import annotations
@@ -106,7 +114,9 @@ logger = logging.getLogger(__name__)
 
 SIMILARITY_METRICS = ("cosine", "euclidean")
 STRATEGIES = ("auto", "pairs", "rerun")
-RECORD_BYTES = 256 << 20  # attention weights kept from the clean forward (beyond: re-run the block to get them)
+# attention internals (weights, values, output-projection inputs and outputs) kept on the device from the clean
+# forward, all blocks together (beyond: re-run the block to get them, one block at a time)
+RECORD_BYTES = 256 << 20
 FINAL_NORM_NAMES = ("ln_f", "norm", "final_layer_norm", "final_layernorm", "layer_norm", "norm_f", "ln_out")
 
 
@@ -311,8 +321,10 @@ class _Call:
 def _clean_forward(req: Request, plan: _Plan, ex, first_row: int | None = None
                    ) -> tuple[list[_Call], torch.Tensor, list[_Internals | None]]:
     """Run the model once on the example, recording every block's call; returns them, the last hidden state and
-    (with ``first_row``, for the fast path) each block's attention internals while they fit
-    :data:`RECORD_BYTES` (None for the blocks after that: they are re-run one by one)."""
+    (with ``first_row``, for the fast path) each block's attention internals while they fit :data:`RECORD_BYTES`
+    (None for the blocks after that: they are re-run one by one). A block's internals are settled when the block
+    returns: kept if they fit, else dropped there, so the blocks beyond the cap never hold theirs on the device
+    beyond their own call, and no attention weights are collected by the model (``output_attentions=False``)."""
     adapter = req.adapter
     device = adapter.input_device
     ids = ex.target_ids[: ex.end - 1].view(1, -1).to(device)
@@ -321,27 +333,38 @@ def _clean_forward(req: Request, plan: _Plan, ex, first_row: int | None = None
         src = ex.source_ids.view(1, -1).to(device)
         inputs.update(source_ids=src, source_mask=torch.ones_like(src))
     calls: list[_Call] = []
+    records: list[dict] = [{} for _ in plan.blocks]
+    room = {"bytes": RECORD_BYTES, "full": False}
 
     def pre_hook(module, args, kwargs):
         calls.append(_Call(args, kwargs))
 
     def post_hook(module, args, kwargs, output):
         calls[-1].output = output[0] if isinstance(output, tuple | list) else output
+        if first_row is not None:
+            settle(len(calls) - 1)
 
-    handles = []
-    records: list[dict] = [{} for _ in plan.blocks]
-    budget = {"bytes": RECORD_BYTES}
+    def settle(layer: int):
+        """Keep block ``layer``'s internals if they fit the remaining room (counting the storage they keep alive:
+        ``x``, ``value`` and ``attn_out`` are views), else drop them and stop recording."""
+        record = records[layer]
+        storages = {(v.device, v.untyped_storage().data_ptr()): v.untyped_storage().nbytes()
+                    for v in record.values() if isinstance(v, torch.Tensor)}
+        size = sum(storages.values())
+        if record.get("weights") is None or room["full"] or size > room["bytes"]:
+            record.clear()
+            room["full"] = room["full"] or size > room["bytes"]
+        else:
+            room["bytes"] -= size
 
     def recorder(layer: int):
         def store(key: str, value):
-            if key == "weights" and value is not None:
-                budget["bytes"] -= value.numel() * value.element_size()
-                if budget["bytes"] < 0:
-                    value = None
-            records[layer][key] = value
+            if not room["full"]:
+                records[layer][key] = value
 
         return store
 
+    handles = []
     for layer, block in enumerate(plan.blocks):
         handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
         handles.append(block.register_forward_hook(post_hook, with_kwargs=True))
@@ -349,7 +372,7 @@ def _clean_forward(req: Request, plan: _Plan, ex, first_row: int | None = None
             handles += _internals_hooks(block, plan, first_row, recorder(layer))
     try:
         scored = torch.zeros(ids.shape, dtype=torch.bool, device=device)
-        out = adapter.forward(RowInputs(**inputs), scored, output_hidden_states=True)
+        out = adapter.forward(RowInputs(**inputs), scored, output_hidden_states=True, output_attentions=False)
     finally:
         for h in handles:
             h.remove()
@@ -408,7 +431,11 @@ def _example(req: Request, plan: _Plan, args: ValueZeroingArgs, ex) -> MethodOut
         self_scores = torch.full((n_layers, length, length), float("nan"), dtype=torch.float64)
     if enc_dec:
         cross_scores = torch.full((n_layers, length, len(ex.source_ids)), float("nan"), dtype=torch.float64)
-    for layer, (block, call, rec) in enumerate(zip(plan.blocks, calls, internals, strict=True)):
+    for layer, block in enumerate(plan.blocks):
+        # taken out of the lists: a block's recorded input and internals are freed once its layer is scored
+        # (its output lives on as the next block's input)
+        call, rec = calls[layer], internals[layer]
+        calls[layer] = internals[layer] = None
         last = layer == n_layers - 1
         clean = final_hidden if last else call.output
         post = final if last else None
