@@ -30,6 +30,11 @@ ids, so its numbers then differ from its own unbatched ones (its tests use ``ato
 ``--inseq-batch-size 0`` uses Inseq's default (all prompts in one batch) and the equality check is then
 expected to fail for prompts shorter than the longest.
 
+``--device cuda`` (default ``cpu``) puts both tools' model on that device: distattr with ``load_model(...,
+device=...)``, Inseq with the model object moved there and ``inseq.load_model(..., device=...)``; the timed call
+then ends with ``torch.cuda.synchronize()`` and each child also reports ``torch.cuda.max_memory_allocated`` of
+the timed call (``peak_gpu_mib``, after ``reset_peak_memory_stats``). On the CPU nothing changes.
+
 Run (from the repository root, with the project's virtualenv)::
 
     .venv/bin/python benchmarks/bench_vs_inseq.py                       # full run: 4 prompts x 32 tokens
@@ -101,8 +106,14 @@ def _child(args: argparse.Namespace) -> int:
     run([WARMUP_PROMPT], generation_args(2))  # lazy init (kernels, hooks, allocator) outside the timed call
     warm_rss = _maxrss_mib()
 
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize(args.device)
+        torch.cuda.reset_peak_memory_stats(args.device)
     start = time.perf_counter()
     sequences = run(prompts, generation_args(args.new_tokens))
+    if cuda:
+        torch.cuda.synchronize(args.device)
     elapsed = time.perf_counter() - start
     peak_rss = _maxrss_mib()
 
@@ -119,6 +130,9 @@ def _child(args: argparse.Namespace) -> int:
         "attributed_tokens": n_tokens, "s_per_token": elapsed / max(n_tokens, 1),
         "rss_after_load_mib": loaded_rss, "rss_after_warmup_mib": warm_rss, "peak_rss_mib": peak_rss, "sequences": seqs,
     }
+    if cuda:
+        summary["device"] = args.device
+        summary["peak_gpu_mib"] = torch.cuda.max_memory_allocated(args.device) / 2**20
     (out / f"{args.child}-{args.method}.json").write_text(json.dumps(summary, indent=1))
     return 0
 
@@ -134,7 +148,8 @@ def _inseq_runner(args: argparse.Namespace, method_args: dict):
     folder = converted_dir(MODEL)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    attr_model = inseq.load_model(model, args.method, tokenizer=tokenizer)
+    # Inseq picks CUDA by itself when it is there: name the device, so that both tools run on --device
+    attr_model = inseq.load_model(model.to(args.device), args.method, tokenizer=tokenizer, device=args.device)
     has_hidden_dim = METHODS[args.method].kind in ("gradient", "layer")
     batch_size = None if args.inseq_batch_size == 0 else args.inseq_batch_size
     rss = _maxrss_mib()
@@ -169,7 +184,8 @@ def _inseq_runner(args: argparse.Namespace, method_args: dict):
 def _distattr_runner(args: argparse.Namespace, method_args: dict):
     import distattr
 
-    attr_model = distattr.load_model(MODEL, args.method)
+    device = None if args.device == "cpu" else args.device  # the CPU: distattr's defaults, as before --device
+    attr_model = distattr.load_model(MODEL, args.method, device=device)
     rss = _maxrss_mib()
 
     def run(texts: list[str], gen_args: dict) -> list[dict]:
@@ -251,7 +267,7 @@ def _machine() -> dict:
 def _run_child(tool: str, method: str, args: argparse.Namespace, workdir: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", tool, "--method", method,
            "--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
-           "--inseq-batch-size", str(args.inseq_batch_size), "--workdir", str(workdir)]
+           "--inseq-batch-size", str(args.inseq_batch_size), "--workdir", str(workdir), "--device", args.device]
     if args.n_steps is not None:
         cmd += ["--n-steps", str(args.n_steps)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
@@ -288,7 +304,7 @@ def _fmt(x: float | None, spec: str) -> str:
 def markdown(doc: dict) -> str:
     m, v, c = doc["machine"], doc["versions"], doc["config"]
     lines = [
-        f"## distattr vs Inseq — {MODEL}, CPU",
+        f"## distattr vs Inseq — {MODEL}, {'CPU' if c.get('device', 'cpu') == 'cpu' else c['device']}",
         "",
         f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['date']}; torch {v['torch']}, transformers "
         f"{v['transformers']}, inseq {v['inseq']}, distattr {v['distattr']}, Python {v['python']}.",
@@ -318,7 +334,7 @@ def _parent(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     doc = {
         "benchmark": "distattr vs inseq", "model": MODEL, "machine": _machine(), "versions": _versions(),
-        "config": {"methods": methods, "prompts": args.prompts, "new_tokens": args.new_tokens,
+        "config": {"methods": methods, "prompts": args.prompts, "new_tokens": args.new_tokens, "device": args.device,
                    "threads": args.threads, "inseq_batch_size": args.inseq_batch_size, "repeats": args.repeats,
                    "n_steps": args.n_steps if args.n_steps is not None else "method default (50)",
                    "generation_args": generation_args(args.new_tokens), "tolerance": args.tolerance,
@@ -373,6 +389,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-steps", type=int, default=None, help="integrated gradients steps (default: 50 on both)")
     p.add_argument("--inseq-batch-size", type=int, default=1, help="inseq batch_size (0: inseq's default, all)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each tool, alternating; the median is reported")
+    p.add_argument("--device", default="cpu", help="where both tools run the model: cpu (default) or cuda[:N]")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max allowed rel. difference")
     p.add_argument("--output", default="results.json", help="JSON file with every number")
     p.add_argument("--markdown", default=None, help="also write the markdown table to this file")
