@@ -1,6 +1,6 @@
 """distattr: fast, distributed feature attribution for generative language models."""
 
-__version__ = "0.2.0"  # the one place: pyproject.toml reads it
+__version__ = "0.3.0"  # the one place: pyproject.toml reads it
 
 from .aggregate import Normalize, Reduce, Rescale, Slice, Spans, Words, pair_difference  # noqa: E402
 from .api import AttributionModel, load_model  # noqa: E402

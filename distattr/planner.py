@@ -22,7 +22,7 @@ parameter) stay in the compute dtype. A quantized ``[out, in]`` weight of ``n = 
 * int8 (LLM.int8()): ``n`` bytes plus one float32 scale per output row.
 
 Activations. ``distattr.models.memory`` gives the bytes one token of a row keeps per decoder layer for a
-backward (a bound on the measured peak, see its docstring); a device holding ``k`` decoder blocks needs
+backward (the measured peak, see its docstring); a device holding ``k`` decoder blocks needs
 ``rows x length x k`` of them, the device of the LM head also the scored logits (``[K, V]`` plus float32
 probabilities and their gradient). Forward-only methods keep no activations: like the engine, they get
 ``NO_GRAD_BUDGET_FACTOR`` times the rows. Accelerators keep ``reserve`` bytes free (CUDA context, allocator
@@ -80,6 +80,14 @@ BLOCK_NESTED = 256  # first-level absmax values per float32 absmax under double 
 CODE_4BIT_BYTES = 16 * 4  # the NF4/FP4 code table of a layer's quant state (float32)
 CODE_NESTED_BYTES = 256 * 4 + 4  # double quantisation: the 8-bit code table and the float32 offset
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+# Recomputation's working room per device, in units of one block's activations for the batch (the activation
+# model of distattr.models.memory), measured on SmolLM2-135M (float32, CPU, live tensors: benchmarks/
+# bench_long_context.py): the recomputed block and its backward take RECOMPUTE_BLOCK, each step slot of a
+# batched backward RECOMPUTE_SLOT more, and the peak is never below RECOMPUTE_PEAK_FLOOR (the recomputation's
+# forward). 1,024 tokens: 2.43 for 1 or 2 slots, 5.9 for 7.
+RECOMPUTE_BLOCK = 1.5
+RECOMPUTE_SLOT = 0.635
+RECOMPUTE_PEAK_FLOOR = 2.43
 _ACTIVATIONS = "_planned_activations"  # name of the placeholder buffers that carry activations during placement
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?b|b)\s*$", re.IGNORECASE)
@@ -421,8 +429,9 @@ def plan(
     """Plan an attribution run of ``model`` on ``devices`` without loading any weights.
 
     Args:
-        model: a shipped config name (``llama-3-70b``, ``llama-2-70b``, ``mixtral-8x7b``, ``qwen2-72b``,
-            ``smollm2-135m``), a ``config.json`` file, a model folder or hub id, a config or a model object.
+        model: a shipped config name (:data:`distattr.configs.SHIPPED_CONFIGS`: ``llama-3-70b``,
+            ``llama-3.1-8b``, ``llama-2-70b``, ``mixtral-8x7b``, ``qwen2-72b``, ``smollm2-135m``), a ``config.json``
+            file, a model folder or hub id, a config or a model object.
         devices: ``"4x80GiB"``, ``"80GiB,40GiB"``, ``"cpu=64GiB"``... (see :func:`parse_devices`).
         quantization: None/``"none"``, ``"nf4"``, ``"fp4"`` (bitsandbytes 4-bit; ``double_quant`` as
             ``load_model(quantization="nf4")`` does) or ``"int8"``.
@@ -476,7 +485,10 @@ def plan(
         raise PlanError(_one_row_message(placer, placer(1), max_length, devices, quantization))
     layers = decoder_layer_count(config) if row_model.per_layer else 1  # activation patching: rows per layer
     rows_needed = _rows_needed(row_model, args, stand_ins, width, layers)
-    rows_fit = _most_rows(placer, min(rows_needed, getattr(args, "internal_batch_size", None) or rows_needed))
+    rows_cap = min(rows_needed, getattr(args, "internal_batch_size", None) or rows_needed)
+    rows_fit = _most_rows(placer, rows_cap)
+    if rows_fit == rows_cap:  # no more rows to batch: spare memory goes to more step slots per backward
+        placer = placer.with_slots(rows_fit)
     placement = placer(rows_fit)
     budget = placer.token_budget(rows_fit * max_length)
     rows, forwards, backwards = _passes(row_model, args, stand_ins, width, rows_fit, placer.memory(budget), layers)
@@ -516,8 +528,10 @@ class Placer:
 
     With ``recompute`` (the gradient kernel's :class:`~distattr.methods.gradient.Memory` for one row) a block
     keeps only the hidden state entering it (``block_row``), and every device that may hold blocks keeps room for
-    ``working_row`` per row: the activations of the one block being recomputed plus the batched step backwards
-    through it (``recompute.slots_per_backward`` slots, each about one block's activations).
+    :meth:`working_row` per row: the activations of the one block being recomputed plus the batched step
+    backwards through it (``slots`` per backward call: the engine's ``Memory.slots_per_backward`` at the budget of
+    :meth:`token_budget`, or more when :meth:`with_slots` gives the spare memory to them; at most ``max_slots``,
+    the steps of a row). ``layer_row``: one block's activations for one row.
     """
 
     model: nn.Module
@@ -530,7 +544,9 @@ class Placer:
     head_row: int
     backward: bool = True
     recompute: Memory | None = None
-    working_row: int = 0
+    layer_row: int = 0
+    slots: int = 0
+    max_slots: int = 0
 
     @classmethod
     def build(cls, model, devices, reserve: int, row_model: RowModel, config, dtype, max_length: int,
@@ -547,26 +563,47 @@ class Placer:
         head_row = scored_per_row * vocab * (dtype.itemsize + (8 if row_model.backward else 4))
         if not row_model.backward:
             block_row //= NO_GRAD_BUDGET_FACTOR
-        memory, working_row = None, 0
+        memory, slots = None, 0
         if recompute:
             share, n_layers = recompute_kept_share(config), decoder_layer_count(config)
             memory = Memory(math.ceil(2 * share * max_length), True, share, n_layers)
             slots = min(scored_per_row, memory.slots_per_backward(max_length))
             block_row = max_length * hidden_size(config) * dtype.itemsize * row_model.copies
-            working_row = layer_row * (1 + slots)
         accelerators = any(d.key != "cpu" for d in devices)
         return cls(model=model, sizes=dict(compute_module_sizes(model)),
                    limits={d.key: d.memory - (reserve if d.key != "cpu" else 0) for d in devices},
                    offloaded=frozenset({"disk", "cpu"} if accelerators else {"disk"}), blocks=blocks,
                    head=_head_name(model), block_row=block_row, head_row=head_row, backward=row_model.backward,
-                   recompute=memory, working_row=working_row)
+                   recompute=memory, layer_row=layer_row, slots=slots, max_slots=scored_per_row)
+
+    def working_row(self, slots: int | None = None) -> int:
+        """With recomputation, the working room of one row on a device (bytes) for ``slots`` step slots per
+        backward (default :attr:`slots`); 0 without."""
+        if self.recompute is None:
+            return 0
+        slots = self.slots if slots is None else slots
+        return int(self.layer_row * max(RECOMPUTE_PEAK_FLOOR, RECOMPUTE_BLOCK + RECOMPUTE_SLOT * slots))
 
     def token_budget(self, batch_tokens: int) -> int:
-        """The ``token_budget`` with which the engine makes batches of ``batch_tokens`` tokens: a forward-only
-        method gets ``NO_GRAD_BUDGET_FACTOR`` times its budget, recomputation ``1 / (2 kept_share)`` times."""
+        """The ``token_budget`` with which the engine makes batches of ``batch_tokens`` tokens (and, recomputing,
+        backward calls of :attr:`slots` step slots): a forward-only method gets ``NO_GRAD_BUDGET_FACTOR`` times
+        its budget; recomputation keeps ``kept_share`` of a token and gives a slot ``1 / layers`` of it."""
         if self.recompute is not None:
-            return math.ceil(2 * self.recompute.kept_share * batch_tokens)
+            share, layers = self.recompute.kept_share, self.recompute.layers
+            return max(math.ceil(2 * share * batch_tokens),
+                       math.ceil(batch_tokens * share + self.slots * batch_tokens / layers))
         return batch_tokens if self.backward else math.ceil(batch_tokens / NO_GRAD_BUDGET_FACTOR)
+
+    def with_slots(self, rows: int) -> Placer:
+        """Recomputing, when ``rows`` rows are all the run has: the most step slots per backward call (up to a
+        row's steps) whose working room still fits, so that fewer backward passes recompute the blocks."""
+        if self.recompute is None or self.slots >= self.max_slots:
+            return self
+        low, high = self.slots, self.max_slots
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if not dataclasses.replace(self, slots=mid)(rows).homeless else (low, mid - 1)
+        return dataclasses.replace(self, slots=low)
 
     def memory(self, token_budget: int) -> Memory:
         """The engine's :class:`~distattr.methods.gradient.Memory` for ``token_budget``."""
@@ -581,7 +618,7 @@ class Placer:
     @property
     def row_bytes(self) -> int:
         """Activations of one ``max_length`` row over all devices (with recomputation, one device's working room)."""
-        return len(self.blocks) * self.block_row + (self.head_row if self.head else 0) + self.working_row
+        return len(self.blocks) * self.block_row + (self.head_row if self.head else 0) + self.working_row()
 
     @property
     def room(self) -> int:
@@ -592,7 +629,7 @@ class Placer:
         acts = {b: rows * self.block_row for b in self.blocks}
         if self.head:
             acts[self.head] = rows * self.head_row
-        working = rows * self.working_row  # on every usable device, which may hold blocks
+        working = rows * self.working_row()  # on every usable device, which may hold blocks
         limits = {k: v - (working if k not in self.offloaded else 0) for k, v in self.limits.items()}
         with activation_buffers(self.model, acts):
             device_map = place(self.model, {k: max(v, 0) for k, v in limits.items()})

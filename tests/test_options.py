@@ -32,6 +32,7 @@ SAMPLES: dict[str, tuple[object, list[str]]] = {
     "include_eos_baseline": (True, ["--include-eos-baseline"]),
     "hidden_reduction": ("sum", ["--hidden-reduction", "sum"]),
     "token_budget": (64, ["--token-budget", "64"]),
+    "recompute": ("always", ["--recompute", "always"]),
     "steps_per_row": (2, ["--steps-per-row", "2"]),
     "batch_size": (3, ["--batch-size", "3"]),
 }
@@ -105,7 +106,8 @@ def test_identity_leaves_out_speed_only_options():
     a = AttributeOptions(method="saliency", step_scores=("entropy",), token_budget=32, batch_size=2)
     b = dataclasses.replace(a, token_budget=None, steps_per_row=4, batch_size=16)
     assert a.identity() == b.identity()
-    assert a.speed() != b.speed() and set(a.speed()) == {"token_budget", "steps_per_row", "batch_size"}
+    assert a.speed() != b.speed() and set(a.speed()) == {"token_budget", "recompute", "steps_per_row",
+                                                          "batch_size"}
     c = dataclasses.replace(a, step_scores=("probability",))
     assert a.identity() != c.identity()
     speed_only = {f.name for f, meta in option_fields() if meta.speed_only}

@@ -146,6 +146,17 @@ def test_remote_blocks_give_local_numbers(tiny_pair, method, args):
     assert_same_results(expected, got, exact=False)
 
 
+def test_recompute_leaves_remote_blocks_alone(tiny_pair):
+    """Remote blocks keep no activations here: recompute="always" has nothing to recompute locally and sends each
+    span once per forward, with the local numbers."""
+    local, remote = tiny_pair
+    kwargs = {"generation_args": {"max_new_tokens": 3}, "show_progress": False}
+    expected = local.attribute("the cat is in the", recompute="never", **kwargs)
+    got = remote.attribute("the cat is in the", expected.info["generated_texts"], recompute="always",
+                           **{k: v for k, v in kwargs.items() if k != "generation_args"})
+    assert_same_results(expected, got, exact=False)
+
+
 def test_remote_model_structure_and_refused_methods(tiny_pair):
     _, remote = tiny_pair
     names = [n for n, _ in remote.model.named_modules()]

@@ -4,6 +4,7 @@ model against the measured memory of an attribution batch on the embedded model.
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -456,14 +457,14 @@ print(json.dumps({"length": len(out[0].target_tokens), "growth": peak - before, 
 
 @pytest.mark.slow
 def test_activation_model_against_the_measured_memory_of_a_batch():
-    """One integrated-gradients batch of 8 rows on SmolLM2 (float32), run in a fresh process: the tensors autograd
+    """One integrated-gradients batch of 8 rows on SmolLM2 (float32), run in a fresh process whose allocator returns
+    freed blocks (``MALLOC_MMAP_THRESHOLD_``: the resident set follows the live tensors): the tensors autograd
     saves, and the process's peak memory growth over the batch, compared with the planner's activations for
-    that batch. The activation model is meant as a bound on the peak: measured 0.57 (saved) and 0.62-0.88 (peak,
-    batches of 4-48 rows of 87 tokens) of it; the test allows 0.35-1.15 for the peak on a noisy machine and
-    0.4-1.0 for the (deterministic) saved tensors."""
+    that batch. The activation model is the measured peak (1.00 for this batch, 1.01 for 32 rows; 0.98 for single
+    rows of 512-8,192 tokens, benchmarks/bench_long_context.py): within 15%; the saved tensors alone are 0.9."""
     rows, steps = 8, 4
     done = subprocess.run([sys.executable, "-c", MEASURE, str(rows), str(steps)], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
     assert done.returncode == 0, done.stderr[-2000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     length = measured["length"]
@@ -473,8 +474,8 @@ def test_activation_model_against_the_measured_memory_of_a_batch():
     predicted = planned.devices[0].activations
     row_tokens = rows * (length - 1)  # the engine's row holds the tokens before the last step
     saved_model = row_tokens * activation_bytes_per_token(_config("smollm2-135m"), torch.float32)
-    assert 0.4 <= measured["saved"] / saved_model <= 1.0, measured
-    assert 0.35 <= measured["growth"] / predicted <= 1.15, (measured, predicted)
+    assert 0.8 <= measured["saved"] / saved_model <= 1.0, measured
+    assert 0.85 <= measured["growth"] / predicted <= 1.15, (measured, predicted)
 
 
 def test_activation_patching_is_planned_per_layer():

@@ -100,6 +100,20 @@ def test_layer_methods_hooked_inside_recomputed_blocks(tiny_models, kind, method
         assert_columns_close(kept, recomputed)
 
 
+@pytest.mark.parametrize("kind", ["t5", "bart", "marian"])
+@pytest.mark.parametrize("method, args", LAYER_METHODS)
+def test_encoder_decoder_layer_methods(tiny_models, kind, method, args):
+    """The default layer of an encoder-decoder model is the encoder's embedding module (transformers 5 gives T5 and
+    BART one of their own, tied to ``shared``, which the forward never calls): source attributions, recomputed or
+    not, the same."""
+    model = tiny_models[kind]
+    kwargs = {"method": method, "generation_args": {"max_new_tokens": 3}, "show_progress": False, **args}
+    kept = model.attribute(TEXT, recompute="never", **kwargs)
+    recomputed = model.attribute(TEXT, generated_texts=kept.info["generated_texts"], recompute="always", **kwargs)
+    assert kept[0].source_attributions is not None and np.abs(kept[0].source_attributions).sum() > 0
+    assert_columns_close(kept, recomputed)
+
+
 def test_saved_activations_shrink_to_the_block_boundaries(tiny_models):
     """What autograd saves for the backward, with and without recomputation (parameters excluded): with it, the
     hidden states entering the blocks and what surrounds the blocks, a small share of the whole."""
@@ -222,3 +236,22 @@ def test_quantized_layers_recompute(kind):
     kept = model.attribute(prompt, prompt + " Paris, France.", recompute="never", show_progress=False)
     recomputed = model.attribute(prompt, prompt + " Paris, France.", recompute="always", show_progress=False)
     assert_columns_close(kept, recomputed, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_planned_memory_matches_the_measured_peak(tmp_path):
+    """benchmarks/bench_long_context.py at 1,024 tokens (a fresh process, the embedded model, saliency at the plan's
+    budget with recomputation): the resident-set peak of the attribution call within 15% of the plan."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "bench_long_context.py"
+    out = tmp_path / "long.json"
+    done = subprocess.run([sys.executable, str(script), "--lengths", "1024", "--modes", "always", "--generated", "4",
+                           "--output", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (point,) = json.loads(out.read_text())["points"]
+    assert point["planned_recompute"] and point["recompute_passes"] >= 1, point
+    assert 0.85 <= point["ratio"] <= 1.15, point

@@ -70,8 +70,8 @@ from .tokens import char_span_tokens
 GROUPS = ("first subject token", "middle subject tokens", "last subject token", "first subsequent token",
           "further tokens", "last token")
 HIDDEN_REDUCTIONS = ("sum", "vnorm")
-# Padded tokens per forward/backward batch: ~1.5 GB peak for SmolLM2-135M with its 30 MLPs hooked, and much
-# faster on a CPU than the library's memory-first default (~64 tokens for that model).
+# Padded tokens per forward/backward batch: ~1.5 GB peak for SmolLM2-135M with its 30 MLPs hooked (fixed, so that
+# the case study's runs do not depend on the machine's memory as the library's default budget does).
 TOKEN_BUDGET = 512
 COMPARE_METHODS = ("causal-tracing", "atp")
 MAP_NAMES = {"cat": "CAT", "causal-tracing": "causal tracing", "atp": "AtP"}

@@ -25,6 +25,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..configs import SHIPPED_CONFIGS
 from ..logs import LOG_LEVELS
 from ..logs import configure as configure_logging
 from ..options import split_pairs
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build the model from its config on the meta device (no weights) and print the device map, the "
                     "weights and activations per device, the rows per batch that fit and the passes the method needs.")
     plan.add_argument("--model", "-m", required=True,
-                      help="shipped config (llama-3-70b, llama-2-70b, mixtral-8x7b, qwen2-72b, smollm2-135m), a "
+                      help=f"shipped config ({', '.join(SHIPPED_CONFIGS)}), a "
                            "config.json file, a model folder or a Hugging Face id")
     plan.add_argument("--devices", required=True, metavar="SPEC",
                       help="memory of the devices: 4x80GiB, 80GiB,40GiB, cpu=64GiB, 2x40GiB,cpu=64GiB")

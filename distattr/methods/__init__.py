@@ -243,11 +243,13 @@ def run_deeplift(req: Request, args: NoArgs) -> list[MethodOutput]:
 
 
 def resolve_layers(adapter, target_layer, single: bool) -> LayerTarget:
-    """Find modules by name; the default is the input embedding layer."""
+    """Find modules by name; the default is the input embedding layer (for encoder-decoder models the encoder's,
+    which transformers 5 keeps as a module of its own, its weight tied to ``shared``, for T5 and BART)."""
     model = adapter.model
     modules = dict(model.named_modules())
     if target_layer is None:
-        names = (next(n for n, m in modules.items() if m is model.get_input_embeddings()),)
+        embedding = (model.get_encoder() if adapter.is_encoder_decoder else model).get_input_embeddings()
+        names = (next(n for n, m in modules.items() if m is embedding),)
     elif isinstance(target_layer, str):
         names = tuple(n.strip() for n in target_layer.split(",") if n.strip())
     else:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..models.adapters import RowInputs, batched_backward_attention, dropout_rerun, id_rows
-from ..models.memory import decoder_layer_count, recompute_kept_share
+from ..models.memory import decoder_layer_count, recompute_kept_share, release_freed_host_memory
 from ..models.recompute import recomputed_blocks
 from .base import (
     Example,
@@ -363,11 +363,15 @@ def _run_batch(req: Request, path: Path, layer: LayerTarget | None, units: list[
             del logits
             output, entry_rows, entry_cotangents = _backward_start(f, head_inputs, scored[:, prefix:])
             del f
+            if memory.recompute:  # the forward's freed transients, before the backwards allocate theirs
+                release_freed_host_memory(output.device)
             slot = torch.tensor(slot_of, device=output.device)
             tokens = scored[:, prefix:].numel() + (inputs["source_mask"].numel() if "source_mask" in inputs else 0)
             names = list(leaves)  # layer methods create theirs in the forward
             for k, grads in _slot_gradients(output, entry_rows, entry_cotangents, slot, list(leaves.values()),
                                             memory.slots_per_backward(tokens)):
+                if memory.recompute and k == 0:
+                    release_freed_host_memory(output.device)
                 step_grads = {n: None if g is None else _left_pad(g, prefix) for n, g in zip(names, grads, strict=True)}
                 _accumulate(req, path, units, counts, batch, rows, k, step_grads, multipliers, accumulators, outputs,
                             sums)
