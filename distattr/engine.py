@@ -202,7 +202,8 @@ def prepare(loaded: LoadedModel, inputs: Inputs, call: CheckedOptions) -> Prepar
     else:
         for s, ids in zip(sources, source_ids, strict=True):
             if limit is not None and len(ids) >= limit:
-                raise ValueError(f"Input of {len(ids)} tokens does not fit the model's context of {limit}: {s[:60]!r}")
+                raise ValueError(f"Input of {len(ids)} tokens does not fit the model's context of {limit} "
+                                 f"({loaded.name}): {s[:60]!r}")
         targets, target_ids = _generated_targets(loaded, source_ids, cfg)
 
     contrast_t, contrast_s = inputs.contrast_targets, inputs.contrast_sources
@@ -223,9 +224,11 @@ def prepare(loaded: LoadedModel, inputs: Inputs, call: CheckedOptions) -> Prepar
     for i in range(n):
         tgt = torch.tensor(target_ids[i], dtype=torch.long, device=device)
         if limit is not None and len(tgt) > limit:
-            raise ValueError(f"Sequence #{i} has {len(tgt)} tokens; the model's context is {limit}")
+            raise ValueError(f"Sequence #{i} has {len(tgt)} tokens, longer than {loaded.name}'s context of {limit} "
+                             "tokens")
         if enc_dec and limit is not None and len(source_ids[i]) > limit:
-            raise ValueError(f"Source #{i} has {len(source_ids[i])} tokens; the model's context is {limit}")
+            raise ValueError(f"Source #{i} has {len(source_ids[i])} tokens, longer than {loaded.name}'s context of "
+                             f"{limit} tokens")
         default_start = 1 if enc_dec else len(source_ids[i])
         if not enc_dec and len(tgt) <= default_start and cfg.attr_pos_start is None:
             raise ValueError(f"Nothing was generated for input #{i}; raise max_new_tokens or give generated_texts")

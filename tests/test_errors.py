@@ -65,6 +65,13 @@ def test_prompt_longer_than_context(tiny):
         m.attribute(" ".join(["the"] * 200), generation_args={"max_new_tokens": 2}, show_progress=False)
 
 
+def test_given_text_longer_than_context_is_refused_by_name(tiny):
+    m = tiny("gpt2")  # n_positions = 128
+    long_text = " ".join(["the"] * 200)
+    with pytest.raises(ValueError, match=r"Sequence #0 has \d+ tokens, longer than .+'s context of 128 tokens"):
+        m.attribute("the cat", "the cat " + long_text, show_progress=False)
+
+
 def test_contrast_targets_count_mismatch(tiny):
     m = tiny("gpt2")
     with pytest.raises(ValueError, match="2 contrast targets for 1 inputs"):
