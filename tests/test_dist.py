@@ -177,7 +177,8 @@ def test_driver_killed_then_rerun_resumes(ray_head, folders, tmp_path):
     url = str(tmp_path / "driver.zarr")
     cmd = _cli("--model", folders["gpt2"], "--method", "integrated_gradients", "--method-arg", "n_steps=100",
                "--data", str(data), "--id-field", "uid", "--max-new-tokens", "4", "--store", url,
-               "--unit-size", "2", "--address", ray_head.address)
+               "--unit-size", "2", "--address", ray_head.address,
+               "--token-budget", "64")  # small batches: slow enough to be killed mid-job
     driver = subprocess.Popen(cmd, env=ray_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and driver.poll() is None:

@@ -50,6 +50,7 @@ def test_a_resumed_split_example_keeps_its_sampled_generation(ray_head, gpt2, tm
     rows = prompts(3)
     data, store = write_jsonl(tmp_path / "d.jsonl", rows), str(tmp_path / "sampled.zarr")
     cmd = cli(ray_head, "--model", gpt2, "--method", "integrated_gradients", "--method-arg", "n_steps=300",
+              "--token-budget", "64",  # small batches: slow enough to be killed between two parts
               "--data", str(data), "--id-field", "uid", "--max-new-tokens", "6", "--split-steps", "2",
               "--generation-arg", "do_sample=true", "--store", store)
     driver = start_until(cmd, lambda: done_count(store) >= 1)
@@ -77,9 +78,10 @@ def test_a_resumed_split_example_keeps_its_sampled_generation(ray_head, gpt2, tm
 
 
 def test_a_second_driver_is_refused_and_a_dead_drivers_lease_is_taken_over(ray_head, gpt2, tmp_path):
-    rows = prompts(48)  # long enough (~1 min) for the two refused drivers to run while the first works
+    rows = prompts(48)  # long enough (~1 min in 64-token batches) for the two refused drivers to run meanwhile
     data, store = write_jsonl(tmp_path / "d.jsonl", rows), str(tmp_path / "leased.zarr")
     cmd = cli(ray_head, "--model", gpt2, "--method", "integrated_gradients", "--method-arg", "n_steps=500",
+              "--token-budget", "64",
               "--data", str(data), "--id-field", "uid", "--max-new-tokens", "6", "--unit-size", "2", "--store", store)
     first = start_until(cmd, lambda: (Path(store) / "lease.json").exists())
     try:

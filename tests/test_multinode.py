@@ -41,9 +41,10 @@ def scenario(tmp_path: Path, **spec) -> dict:
 
 
 def job(gpt2: str, data: Path, store: str, logs: Path, *extra: str, n_steps: int = 100) -> list[str]:
-    """IG on a tiny GPT-2: units of 2 examples that take long enough to lose or add a node mid-job."""
+    """IG on a tiny GPT-2: units of 2 examples that take long enough to lose or add a node mid-job (a 64-token
+    budget: many batches per unit, whatever the machine's memory makes the default)."""
     return ["--model", gpt2, "--method", "integrated_gradients", "--method-arg", f"n_steps={n_steps}",
-            "--data", str(data),
+            "--data", str(data), "--token-budget", "64",
             "--id-field", "uid", "--max-new-tokens", "6", "--store", store, "--unit-size", "2", "--split-steps", "0",
             "--log-dir", str(logs), *extra]
 

@@ -21,6 +21,7 @@ from distattr.methods import value_zeroing as vz
 from distattr.methods.base import Example, Request
 from distattr.methods.gradient import _pad_stack
 from distattr.models.adapters import RowInputs, block_stack, wrap_model
+from distattr.models.memory import LIVE_SHARE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -252,8 +253,10 @@ def test_batches_count_one_layer_of_attention(monkeypatch):
     req = make_request("llama", token_budget=16)
     config = req.adapter.model.config
     per_entry = internals.attention_entry_tokens(req.adapter.model)
-    # a budget token: NO_GRAD_BUDGET_FACTOR = 4 no-grad tokens of (12 hidden + 4 intermediate) float32 per layer
-    bytes_per_token = config.num_hidden_layers * (12 * config.hidden_size + 4 * config.intermediate_size) * 4
+    # a budget token: NO_GRAD_BUDGET_FACTOR = 4 no-grad tokens of the activation model's bytes (LIVE_SHARE of 12
+    # hidden + 4 intermediate float32 values per layer)
+    bytes_per_token = int(LIVE_SHARE * (12 * config.hidden_size + 4 * config.intermediate_size) * 4) \
+        * config.num_hidden_layers
     assert per_entry == pytest.approx(config.num_attention_heads * internals.ATTENTION_ENTRY_BYTES * 4
                                       / bytes_per_token)
     batches = []
