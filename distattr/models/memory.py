@@ -1,4 +1,4 @@
-"""Rough activation-memory model, used to size row batches when the user gives no token budget.
+"""The activation-memory model (measured on the CPU), used to size row batches and to plan runs.
 
 A forward kept for backward holds, per token and decoder layer, the layer's inputs to every saved op:
 about twelve hidden-size vectors (norms, projections, residuals, rotary q/k) and four intermediate-size
