@@ -576,13 +576,12 @@ class Placer:
                    head=_head_name(model), block_row=block_row, head_row=head_row, backward=row_model.backward,
                    recompute=memory, layer_row=layer_row, slots=slots, max_slots=scored_per_row)
 
-    def working_row(self, slots: int | None = None) -> int:
-        """With recomputation, the working room of one row on a device (bytes) for ``slots`` step slots per
-        backward (default :attr:`slots`); 0 without."""
+    def working_row(self) -> int:
+        """With recomputation, the working room of one row on a device (bytes) for :attr:`slots` step slots per
+        backward; 0 without."""
         if self.recompute is None:
             return 0
-        slots = self.slots if slots is None else slots
-        return int(self.layer_row * max(RECOMPUTE_PEAK_FLOOR, RECOMPUTE_BLOCK + RECOMPUTE_SLOT * slots))
+        return int(self.layer_row * max(RECOMPUTE_PEAK_FLOOR, RECOMPUTE_BLOCK + RECOMPUTE_SLOT * self.slots))
 
     def token_budget(self, batch_tokens: int) -> int:
         """The ``token_budget`` with which the engine makes batches of ``batch_tokens`` tokens (and, recomputing,
@@ -599,11 +598,9 @@ class Placer:
         row's steps) whose working room still fits, so that fewer backward passes recompute the blocks."""
         if self.recompute is None or self.slots >= self.max_slots:
             return self
-        low, high = self.slots, self.max_slots
-        while low < high:
-            mid = (low + high + 1) // 2
-            low, high = (mid, high) if not dataclasses.replace(self, slots=mid)(rows).homeless else (low, mid - 1)
-        return dataclasses.replace(self, slots=low)
+        slots = _largest(self.slots, self.max_slots,
+                         lambda n: not dataclasses.replace(self, slots=n)(rows).homeless)
+        return dataclasses.replace(self, slots=slots)
 
     def memory(self, token_budget: int) -> Memory:
         """The engine's :class:`~distattr.methods.gradient.Memory` for ``token_budget``."""
@@ -647,13 +644,19 @@ class Placer:
         return Placement(device_map, {k: (w, a) for k, (w, a) in used.items()}, homeless)
 
 
-def _most_rows(placer: Placer, cap: int) -> int:
-    """The most rows (at most ``cap``) whose weights and activations all find room; at least 1 fits."""
-    low, high = 1, max(1, min(cap, placer.room // max(placer.row_bytes, 1)))
+def _largest(low: int, high: int, fits) -> int:
+    """The largest ``n`` in ``[low, high]`` with ``fits(n)``, for a ``fits`` that holds up to some point and not
+    after; ``low`` is taken to fit."""
     while low < high:
         mid = (low + high + 1) // 2
-        low, high = (mid, high) if not placer(mid).homeless else (low, mid - 1)
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
     return low
+
+
+def _most_rows(placer: Placer, cap: int) -> int:
+    """The most rows (at most ``cap``) whose weights and activations all find room; at least 1 fits."""
+    high = max(1, min(cap, placer.room // max(placer.row_bytes, 1)))
+    return _largest(1, high, lambda rows: not placer(rows).homeless)
 
 
 def _check_lengths(max_length, generated, examples, steps_per_row) -> None:
@@ -789,8 +792,8 @@ def token_budget_for(model: nn.Module, memory_bytes: int | None = None, reserve:
     that holds decoder blocks (a device with ``k`` blocks needs ``k`` layers' activations per token).
 
     ``memory_bytes=None``: on accelerators, the memory free there now minus ``reserve``; on a CPU-only model,
-    :func:`distattr.models.memory.default_token_budget` (a fifth of the weights' bytes), so results stay as
-    they are without a budget. Raises :class:`PlanError` when not even one token fits.
+    :func:`distattr.models.memory.default_token_budget` (1/16 of the machine's memory, at most a quarter of
+    what is available). Raises :class:`PlanError` when not even one token fits.
     """
     params = list(model.parameters())
     dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
